@@ -1,0 +1,139 @@
+"""Typed specs for every run, their YAML form and their fingerprints.
+
+A spec is the complete, serialisable description of one side of a computation.
+Two tables are comparable only when the specs that shaped their vectors agree,
+so every spec can produce a short stable fingerprint of exactly those fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Precision = Literal["fp32", "bf16", "fp16"]
+ProjectionType = Literal["rademacher", "normal"]
+VectorDtype = Literal["float16", "float32"]
+
+
+class RayattrError(Exception):
+    """An error caused by user input or state, with a message that names the fix.
+
+    Raised anywhere (also inside Ray workers); the CLI prints it as one line
+    and exits non-zero instead of showing a traceback.
+    """
+
+
+def stable_hash(payload: Any, length: int = 16) -> str:
+    """Hex digest of a JSON-serialisable payload, independent of dict order."""
+    text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which causal LM to load and how (local path or hub name)."""
+
+    model: str
+    revision: str | None = None
+    precision: Precision = "fp32"
+    device: str = "auto"
+    attn_implementation: str | None = None
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where documents come from and how they become token sequences.
+
+    Without ``completion_column`` the loss covers every token of
+    ``text_column``. With it, the document is ``prompt_column`` followed by
+    ``completion_column`` and the loss covers the completion only.
+    ``split`` accepts slices (``train[:100]``, ``train[10:20]``); ids stay the
+    row indices of the full split, so slices of one split never collide.
+    """
+
+    dataset: str
+    split: str = "train"
+    subset: str | None = None
+    text_column: str = "text"
+    prompt_column: str | None = None
+    completion_column: str | None = None
+    max_length: int | None = None
+    truncation: bool = False
+
+    def __post_init__(self) -> None:
+        if self.prompt_column and not self.completion_column:
+            raise RayattrError(
+                "--prompt-column needs --completion-column: the prompt is only "
+                "used to mask the loss to the completion; use --text-column for plain documents"
+            )
+
+    @property
+    def columns(self) -> list[str]:
+        """The dataset columns a run reads."""
+        if self.completion_column:
+            return [self.prompt_column or self.text_column, self.completion_column]
+        return [self.text_column]
+
+
+@dataclass(frozen=True)
+class GradSpec:
+    """How per-example gradients are captured, compressed and stored."""
+
+    projection_dim: int = 16
+    projection_type: ProjectionType = "rademacher"
+    seed: int = 0
+    modules: tuple[str, ...] = ("*",)
+    exclude_modules: tuple[str, ...] = ()
+    per_token: bool = False
+    token_batch_size: int = 2048
+    dtype: VectorDtype = "float32"
+
+    def __post_init__(self) -> None:
+        if self.projection_dim < 0:
+            raise RayattrError(f"--projection-dim must be >= 0 (0 keeps full gradients), got {self.projection_dim}")
+        if self.token_batch_size < 2:
+            raise RayattrError(f"--token-batch-size must be >= 2, got {self.token_batch_size}")
+        # Lists from YAML/CLI become tuples so specs stay hashable.
+        object.__setattr__(self, "modules", tuple(self.modules))
+        object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
+
+    def projection_fingerprint(self) -> str:
+        """The fields that decide which random subspace vectors live in."""
+        return stable_hash({"dim": self.projection_dim, "type": self.projection_type, "seed": self.seed})
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One build: model, data and gradient settings together (the YAML a run saves)."""
+
+    model: ModelSpec
+    data: DataSpec
+    grads: GradSpec = field(default_factory=GradSpec)
+
+
+def to_dict(spec: Any) -> dict[str, Any]:
+    """Plain-dict form of a spec (tuples become lists), ready for JSON/YAML."""
+    return json.loads(json.dumps(dataclasses.asdict(spec)))
+
+
+def from_dict(cls: type, payload: dict[str, Any]) -> Any:
+    """Rebuild a spec from its dict form, rejecting unknown keys by name."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(payload) - set(known))
+    if unknown:
+        raise RayattrError(f"unknown {cls.__name__} field(s) {unknown}; known fields are {sorted(known)}")
+    kwargs = {}
+    for name, value in payload.items():
+        nested = _NESTED.get((cls, name))
+        kwargs[name] = from_dict(nested, value) if nested and isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
+_NESTED: dict[tuple[type, str], type] = {
+    (RunSpec, "model"): ModelSpec,
+    (RunSpec, "data"): DataSpec,
+    (RunSpec, "grads"): GradSpec,
+}

@@ -1,0 +1,1 @@
+"""Per-example gradient capture, projection and (later) normalization; plain torch, no Ray."""

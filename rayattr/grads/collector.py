@@ -1,0 +1,219 @@
+"""Hook-based capture of per-example (and per-token) gradients.
+
+For a linear map ``y = W a`` (``nn.Linear``; HF ``Conv1D`` stores ``W``
+transposed but computes the same map) the gradient of example ``n`` is
+``G_n = sum_t g_{n,t} a_{n,t}^T`` where ``a`` are the module's inputs and ``g``
+the gradients of the loss with respect to its outputs. A forward hook keeps
+``a`` (already multiplied by ``R^T`` when projecting), a tensor hook on the
+output receives ``g`` during the backward pass, and the two are contracted per
+example into ``L G_n R^T`` without ever forming ``G_n``.
+
+Every parameter is frozen and only the input embeddings' output requires
+grad, so the backward pass computes activation gradients only: no weight
+gradient is ever materialised. All gradients are stored in ``[out, in]``
+layout for both module types.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from rayattr.config import GradSpec, RayattrError
+from rayattr.grads.projection import KroneckerProjection, module_projection
+
+
+@dataclass(frozen=True)
+class ModuleLayout:
+    """Where one module's (projected) gradient sits in a row vector."""
+
+    name: str
+    out_features: int
+    in_features: int
+    p_out: int
+    p_in: int
+    offset: int
+
+    @property
+    def width(self) -> int:
+        return self.p_out * self.p_in
+
+
+@dataclass
+class TokenBatch:
+    """A padded batch of documents, ready for the model."""
+
+    input_ids: torch.Tensor  # [B, T] int64
+    attention_mask: torch.Tensor  # [B, T] bool
+    label_mask: torch.Tensor  # [B, T] bool: token t is a prediction target
+    position_ids: torch.Tensor  # [B, T] int64, 0 at each document's first token
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        return TokenBatch(*(t.to(device, non_blocking=True) for t in vars(self).values()))
+
+
+@dataclass
+class CollectedBatch:
+    """Gradients of one batch: a row per document, or per token in per-token mode."""
+
+    grads: torch.Tensor  # [rows, D] float32
+    loss: torch.Tensor  # [B] float32, summed over each document's label tokens
+    row_example: torch.Tensor  # [rows] index of the document in the batch
+    row_token_pos: torch.Tensor | None  # [rows] position in the document (per-token mode)
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """``(out, in)`` of a module whose gradient the collector understands."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if isinstance(module, Conv1D):
+        in_features, out_features = module.weight.shape
+        return out_features, in_features
+    return None
+
+
+def select_modules(model: nn.Module, include: tuple[str, ...], exclude: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """Linear/Conv1D modules whose names match an include glob and no exclude glob.
+
+    Returns ``{name: (out, in)}`` in the model's module order, which fixes the
+    layout of every gradient row.
+    """
+    candidates = {name: shape for name, m in model.named_modules() if (shape := _linear_shape(m)) is not None}
+    chosen = {
+        name: shape
+        for name, shape in candidates.items()
+        if any(fnmatch.fnmatchcase(name, p) for p in include) and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+    }
+    if not chosen:
+        sample = ", ".join(list(candidates)[:8])
+        raise RayattrError(
+            f"no Linear/Conv1D module matches --modules {list(include)} minus --exclude-modules {list(exclude)}; "
+            f"the model has e.g. {sample}"
+        )
+    return chosen
+
+
+def plan_layout(shapes: dict[str, tuple[int, int]], projection_dim: int) -> list[ModuleLayout]:
+    """Assign each module its slice of the row vector (``p x p`` or full ``O x I``)."""
+    layouts, offset = [], 0
+    for name, (out_features, in_features) in shapes.items():
+        p_out = projection_dim or out_features
+        p_in = projection_dim or in_features
+        layouts.append(ModuleLayout(name, out_features, in_features, p_out, p_in, offset))
+        offset += p_out * p_in
+    return layouts
+
+
+class GradientCollector:
+    """Turns one forward+backward pass into per-example gradient rows.
+
+    Hooks stay registered for the collector's lifetime (``close`` removes
+    them); projection matrices are built once, on the model's device.
+    """
+
+    def __init__(self, model: nn.Module, spec: GradSpec) -> None:
+        self.model = model
+        self.spec = spec
+        self.layouts = plan_layout(select_modules(model, spec.modules, spec.exclude_modules), spec.projection_dim)
+        self.dim = sum(layout.width for layout in self.layouts)
+        device = next(model.parameters()).device
+        self.projections: dict[str, KroneckerProjection] = {}
+        if spec.projection_dim:
+            for layout in self.layouts:
+                proj = module_projection(
+                    layout.name, layout.out_features, layout.in_features,
+                    spec.projection_dim, spec.projection_type, spec.seed,
+                )
+                self.projections[layout.name] = KroneckerProjection(proj.left.to(device), proj.right.to(device))
+        model.requires_grad_(False)
+        modules = dict(model.named_modules())
+        self._handles = [
+            modules[layout.name].register_forward_hook(partial(self._on_forward, layout)) for layout in self.layouts
+        ]
+        self._handles.append(model.get_input_embeddings().register_forward_hook(_require_grad))
+        self._acts: dict[str, torch.Tensor] = {}
+        self._out: torch.Tensor | None = None
+        self._valid: torch.Tensor | None = None
+        self._token_rows: torch.Tensor | None = None
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def collect(self, batch: TokenBatch) -> CollectedBatch:
+        """Per-example gradients of the summed causal-LM loss of ``batch``."""
+        valid = batch.attention_mask
+        rows = batch.input_ids.shape[0]
+        row_example = torch.arange(rows, device=valid.device)
+        row_token_pos = None
+        if self.spec.per_token:
+            # Every real position but the last: the last one's output feeds no
+            # loss term, so its gradient is zero, and token rows sum to the
+            # document row exactly.
+            lengths = valid.sum(1, keepdim=True)
+            doc_pos = (batch.position_ids * valid).long()
+            self._token_rows = valid & (doc_pos < lengths - 1)
+            row_example, token_index = self._token_rows.nonzero(as_tuple=True)
+            row_token_pos = doc_pos[row_example, token_index]
+            rows = row_example.numel()
+        self._valid = valid.unsqueeze(-1)
+        self._out = torch.zeros(rows, self.dim, device=valid.device, dtype=torch.float32)
+        try:
+            logits = self.model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask.long(),
+                position_ids=batch.position_ids,
+                use_cache=False,
+            ).logits
+            loss = per_example_loss(logits, batch.input_ids, batch.label_mask)
+            loss.sum().backward()
+            missing = [name for name in self._acts]
+            if missing:
+                raise RuntimeError(f"modules ran forward but got no gradient: {missing[:4]}")
+            return CollectedBatch(self._out, loss.detach(), row_example, row_token_pos)
+        finally:
+            self._acts.clear()
+            self._out = self._valid = self._token_rows = None
+
+    def _on_forward(self, layout: ModuleLayout, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if not output.requires_grad:
+            return
+        if layout.name in self._acts:
+            raise RayattrError(f"module {layout.name} ran twice in one forward pass; exclude it with --exclude-modules")
+        acts = inputs[0].float()
+        projection = self.projections.get(layout.name)
+        if projection is not None:
+            acts = acts @ projection.right.T
+        self._acts[layout.name] = acts
+        output.register_hook(partial(self._on_backward, layout))
+
+    def _on_backward(self, layout: ModuleLayout, grad: torch.Tensor) -> None:
+        acts = self._acts.pop(layout.name)
+        grad = grad.float().masked_fill(~self._valid, 0.0)
+        projection = self.projections.get(layout.name)
+        if projection is not None:
+            grad = grad @ projection.left.T
+        target = self._out[:, layout.offset : layout.offset + layout.width]
+        if self._token_rows is None:
+            target.copy_(torch.bmm(grad.transpose(1, 2), acts).flatten(1))
+        else:
+            mask = self._token_rows
+            target.copy_((grad[mask].unsqueeze(2) * acts[mask].unsqueeze(1)).flatten(1))
+
+
+def per_example_loss(logits: torch.Tensor, input_ids: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
+    """Causal-LM cross-entropy summed over each document's label tokens, ``[B]``."""
+    token_loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
+    return token_loss.masked_fill(~label_mask[:, 1:], 0.0).sum(1)
+
+
+def _require_grad(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    """Make the embeddings' output a leaf of the backward graph (params stay frozen)."""
+    output.requires_grad_(True)

@@ -1,0 +1,154 @@
+"""Tokenized documents in, gradient rows out: batching around the collector.
+
+This is the in-process engine. Ray workers wrap the very same object, so a
+distributed build equals an in-process one row by row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from rayattr.config import DataSpec, GradSpec, to_dict
+from rayattr.data import TokenizedDocs, token_budget_batches
+from rayattr.grads.collector import GradientCollector, ModuleLayout, TokenBatch
+from rayattr.store import TableMeta
+
+_NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+@dataclass
+class GradientRows:
+    """Gradient rows of a set of documents, in columns (one row per doc or per token)."""
+
+    ids: np.ndarray  # int64 [R]
+    num_tokens: np.ndarray  # int32 [R]: tokens in the document
+    loss: np.ndarray  # float32 [R]: the document's summed loss
+    grads: np.ndarray  # [R, D] float16/float32
+    token_pos: np.ndarray | None = None  # int32 [R] in per-token mode
+    skipped: np.ndarray | None = None  # ids of documents with no loss token (empty or too short)
+
+    def to_arrow(self) -> pa.Table:
+        """The gradient-table layout: ``id, num_tokens, loss, [token_pos,] grad``."""
+        dim = self.grads.shape[1]
+        flat = pa.array(np.ascontiguousarray(self.grads).reshape(-1))
+        columns = {
+            "id": pa.array(self.ids, pa.int64()),
+            "num_tokens": pa.array(self.num_tokens, pa.int32()),
+            "loss": pa.array(self.loss, pa.float32()),
+        }
+        if self.token_pos is not None:
+            columns["token_pos"] = pa.array(self.token_pos, pa.int32())
+        columns["grad"] = pa.FixedSizeListArray.from_arrays(flat, dim)
+        return pa.table(columns)
+
+
+def collate(docs: TokenizedDocs, index: np.ndarray, pad_token_id: int, padding_side: str = "right") -> TokenBatch:
+    """Pad the chosen documents into one batch (positions count from each document's start)."""
+    seqs = [docs.tokens[i] for i in index]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for row, seq in enumerate(seqs):
+        cols = slice(0, len(seq)) if padding_side == "right" else slice(width - len(seq), width)
+        input_ids[row, cols] = torch.from_numpy(seq)
+        attention[row, cols] = True
+    positions = (attention.long().cumsum(1) - 1).clamp(min=0)
+    label_start = torch.from_numpy(docs.label_start[index]).unsqueeze(1)
+    label_mask = attention & (positions >= label_start.clamp(min=1))
+    return TokenBatch(input_ids, attention, label_mask, positions)
+
+
+class GradientEngine:
+    """A frozen model with gradient hooks, fed in token-budget batches."""
+
+    def __init__(self, model: nn.Module, spec: GradSpec, pad_token_id: int, padding_side: str = "right") -> None:
+        self.model = model
+        self.spec = spec
+        self.pad_token_id = pad_token_id
+        self.padding_side = padding_side
+        self.collector = GradientCollector(model, spec)
+        self.device = next(model.parameters()).device
+
+    @property
+    def layouts(self) -> list[ModuleLayout]:
+        return self.collector.layouts
+
+    @property
+    def dim(self) -> int:
+        return self.collector.dim
+
+    def close(self) -> None:
+        self.collector.close()
+
+    def table_meta(self, model_fingerprint: dict[str, str], data: DataSpec) -> TableMeta:
+        """The description every table of this engine's rows carries."""
+        return TableMeta(
+            model=model_fingerprint,
+            modules=[asdict(layout) | {"width": layout.width} for layout in self.layouts],
+            projection={
+                "type": self.spec.projection_type,
+                "dim": self.spec.projection_dim,
+                "seed": self.spec.seed,
+                "fingerprint": self.spec.projection_fingerprint(),
+            },
+            dtype=self.spec.dtype,
+            dim=self.dim,
+            per_token=self.spec.per_token,
+            data=to_dict(data),
+        )
+
+    def rows(self, docs: TokenizedDocs) -> GradientRows:
+        """Gradient rows of ``docs`` in input order; docs without a loss token are skipped."""
+        lengths = np.array([len(t) for t in docs.tokens], dtype=np.int64)
+        has_target = lengths > np.maximum(docs.label_start, 1)
+        kept = np.flatnonzero(has_target)
+        parts: list[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        for batch_index in token_budget_batches(lengths[kept], self.spec.token_batch_size):
+            index = kept[batch_index]
+            batch = collate(docs, index, self.pad_token_id, self.padding_side).to(self.device)
+            out = self.collector.collect(batch)
+            parts.append((index, out.grads, out.loss, out.row_example, out.row_token_pos))
+        return self._assemble(docs, lengths, parts, skipped=docs.ids[~has_target])
+
+    def _assemble(self, docs: TokenizedDocs, lengths: np.ndarray, parts: list, skipped: np.ndarray) -> GradientRows:
+        """Concatenate batch outputs and restore input order (docs, then tokens)."""
+        dtype = _NUMPY_DTYPES[self.spec.dtype]
+        if not parts:
+            empty = np.zeros(0, dtype=np.int64)
+            token_pos = np.zeros(0, np.int32) if self.spec.per_token else None
+            return GradientRows(empty, empty.astype(np.int32), empty.astype(np.float32),
+                                np.zeros((0, self.dim), dtype), token_pos, skipped)
+        doc_index = np.concatenate([index[example.cpu().numpy()] for index, _, _, example, _ in parts])
+        doc_loss = np.zeros(len(docs), np.float32)
+        for index, _, loss, _, _ in parts:
+            doc_loss[index] = loss.cpu().numpy()
+        grads = torch.cat([grads for _, grads, _, _, _ in parts]).cpu().numpy()
+        token_pos = None
+        if self.spec.per_token:
+            token_pos = np.concatenate([pos.cpu().numpy() for *_, pos in parts]).astype(np.int32)
+            order = np.lexsort((token_pos, doc_index))
+            token_pos = token_pos[order]
+        else:
+            order = np.argsort(doc_index, kind="stable")
+        doc_index = doc_index[order]
+        return GradientRows(
+            ids=docs.ids[doc_index],
+            num_tokens=lengths[doc_index].astype(np.int32),
+            loss=doc_loss[doc_index],
+            grads=_to_storage(grads[order], dtype),
+            token_pos=token_pos,
+            skipped=skipped,
+        )
+
+
+def _to_storage(grads: np.ndarray, dtype: type) -> np.ndarray:
+    """Cast to the storage dtype, clamping to its finite range (float16 tops out at 65504)."""
+    if dtype is np.float32:
+        return grads.astype(np.float32, copy=False)
+    limit = np.finfo(dtype).max
+    return np.clip(grads, -limit, limit).astype(dtype)

@@ -1,0 +1,1 @@
+"""Ray glue: moves data and state between processes; the math lives elsewhere."""

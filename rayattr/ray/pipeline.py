@@ -1,0 +1,193 @@
+"""Ray Data plans: shards -> tokenize tasks -> GradientWorker actor pool -> LanceDB.
+
+The driver only plans (shard list, table metadata, what is already written)
+and reads back a small summary row per document; vectors go from the actors
+straight into the table, one committed append per Ray batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from rayattr.config import DataSpec, RayattrError, RunSpec
+from rayattr.data import Shard, TokenizedDocs, plan_shards, read_shard, tokenize
+from rayattr.grads.engine import GradientEngine
+from rayattr.model import load_config, load_model, load_tokenizer, max_positions, model_fingerprint
+from rayattr.store import GRADIENTS, GradientTable, table_exists
+
+DOCS_PER_WRITE = 256
+TOKENIZE_CPUS = 0.5
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to ``address`` / ``RAY_ADDRESS`` when given, else start an embedded local Ray."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=True)
+    except ConnectionError as exc:
+        raise RayattrError(f"cannot reach a Ray cluster at {address!r} ({exc}); check --ray-address / RAY_ADDRESS") from exc
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    """What one GradientWorker actor asks of Ray, and how many torch threads it runs."""
+
+    num_cpus: float
+    num_gpus: float
+    threads: int
+
+    @classmethod
+    def plan(cls, workers: int) -> WorkerResources:
+        """One GPU per actor when the cluster has GPUs; otherwise share the CPUs,
+        leaving room for one tokenize task so the stream never starves."""
+        resources = ray.cluster_resources()
+        cpus = resources.get("CPU", 1.0)
+        if resources.get("GPU", 0) >= 1:
+            return cls(num_cpus=1.0, num_gpus=1.0, threads=max(1, int(cpus // workers) - 1))
+        share = min(1.0, (cpus - TOKENIZE_CPUS) / workers)
+        if share <= 0:
+            raise RayattrError(f"the Ray cluster has {cpus} CPUs: too few for {workers} worker(s); lower --workers")
+        return cls(num_cpus=share, num_gpus=0.0, threads=max(1, int(cpus // workers)))
+
+
+def read_and_tokenize(shards: pa.Table, data: DataSpec, tokenizer_name: str, revision: str | None, max_length: int) -> Iterator[pa.Table]:
+    """Ray Data UDF: read each shard (skipping ids already written) and tokenize it."""
+    tokenizer = load_tokenizer(tokenizer_name, revision)
+    for item in shards.to_pylist():
+        done = set(item.pop("done_ids") or ())
+        for table in read_shard(data, Shard(**item)):
+            if done:
+                keep = np.fromiter((i not in done for i in table.column("id").to_numpy()), bool, table.num_rows)
+                table = table.filter(pa.array(keep))
+            if table.num_rows:
+                yield tokenize(table, data, tokenizer, max_length)
+
+
+class GradientWorker:
+    """Actor holding a model replica: tokenized docs in, rows appended to LanceDB, summary out."""
+
+    def __init__(self, spec: RunSpec, run_path: str, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        model = load_model(spec.model)
+        tokenizer = load_tokenizer(spec.model.model, spec.model.revision)
+        self.engine = GradientEngine(model, spec.grads, tokenizer.pad_token_id)
+        # Every worker creates-or-verifies the table from its own model, so a
+        # node that loaded a different checkpoint fails instead of mixing rows.
+        self.table = GradientTable.create(run_path, self.engine.table_meta(model_fingerprint(model, spec.model), spec.data))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        docs = TokenizedDocs.from_arrow(batch)
+        rows = self.engine.rows(docs)
+        self.table.append(rows.to_arrow())
+        written = np.isin(docs.ids, rows.ids)
+        return pa.table({
+            "id": pa.array(docs.ids, pa.int64()),
+            "num_tokens": batch.column("num_tokens"),
+            "written": pa.array(written),
+            "written_at": pa.array(np.full(len(docs.ids), time.time())),
+        })
+
+
+@dataclass
+class BuildProgress:
+    """What the driver knows while a build runs (passed to the progress callback)."""
+
+    total_docs: int
+    docs: int = 0
+    tokens: int = 0
+    written: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    first_row_seconds: float | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def _resume_plan(shards: list[Shard], table: GradientTable | None) -> list[dict]:
+    """Shard items with the ids each already has in the table; complete shards drop out."""
+    starts = np.array([s.first_id for s in shards], np.int64)
+    done_ids: list[list[np.ndarray]] = [[] for _ in shards]
+    for ids in table.iter_ids() if table is not None else ():
+        slot = np.searchsorted(starts, ids, side="right") - 1
+        for index in np.unique(slot):
+            if index >= 0:
+                done_ids[index].append(ids[slot == index])
+    items = []
+    for shard, parts in zip(shards, done_ids):
+        done = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+        done = done[(done >= shard.first_id) & (done < shard.first_id + shard.num_rows)]
+        if len(done) < shard.num_rows:
+            items.append(dataclasses.asdict(shard) | {"done_ids": done.tolist()})
+    return items
+
+
+def build(
+    run_path: str,
+    spec: RunSpec,
+    *,
+    workers: int = 1,
+    ray_address: str | None = None,
+    docs_per_write: int = DOCS_PER_WRITE,
+    on_progress: Callable[[BuildProgress], None] | None = None,
+) -> BuildProgress:
+    """Write the gradient table of ``spec.data`` into ``run_path``; resumes an existing one."""
+    start, wall_start = time.perf_counter(), time.time()
+    model_config = load_config(spec.model)
+    shards = plan_shards(spec.data)
+    ensure_ray(ray_address)
+    resources = WorkerResources.plan(workers)
+    table = GradientTable.open(run_path) if table_exists(run_path, GRADIENTS) else None
+    items = _resume_plan(shards, table)
+    progress = BuildProgress(total_docs=sum(s["num_rows"] - len(s["done_ids"]) for s in items))
+    if items:
+        max_length = min(spec.data.max_length or 10**9, max_positions(model_config))
+        dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            read_and_tokenize,
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=TOKENIZE_CPUS,
+            fn_kwargs=dict(data=spec.data, tokenizer_name=spec.model.model, revision=spec.model.revision, max_length=max_length),
+        ).map_batches(
+            GradientWorker,
+            batch_size=docs_per_write,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=resources.num_cpus,
+            num_gpus=resources.num_gpus,
+            fn_constructor_kwargs=dict(spec=spec, run_path=run_path, threads=resources.threads),
+        )
+        for summary in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            written = summary.column("written").to_numpy(zero_copy_only=False)
+            progress.docs += summary.num_rows
+            progress.written += int(written.sum())
+            progress.skipped += int((~written).sum())
+            progress.tokens += int(pc.sum(summary.column("num_tokens")).as_py() or 0)
+            progress.seconds = time.perf_counter() - start
+            if progress.first_row_seconds is None and progress.written:
+                progress.first_row_seconds = float(pc.min(summary.column("written_at")).as_py()) - wall_start
+            if on_progress:
+                on_progress(progress)
+        GradientTable.open(run_path).optimize()
+    progress.seconds = time.perf_counter() - start
+    return progress

@@ -1,0 +1,188 @@
+"""LanceDB gradient tables: schema, metadata, appends, resume, streaming reads.
+
+A run path is a LanceDB database (local directory or any URI LanceDB accepts).
+The gradient table holds one row per document (or per token) with its vector
+in a fixed-size-list column, and carries a JSON description of how those
+vectors were made in its Arrow schema metadata, so anyone who opens the table
+with plain ``lancedb`` knows what the numbers mean and rayattr can refuse to
+compare vectors from different subspaces.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from rayattr import __version__
+from rayattr.config import RayattrError
+
+GRADIENTS = "gradients"
+FORMAT_VERSION = 1
+META_KEY = b"rayattr"
+_ARROW_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+# Fields that decide the space gradient vectors live in; they must agree to compare two tables.
+COMPATIBILITY_FIELDS = ("model", "modules", "projection", "normalizer")
+
+
+@dataclass(frozen=True)
+class TableMeta:
+    """How a table's vectors were made (stored as JSON in the schema metadata)."""
+
+    model: dict[str, str]
+    modules: list[dict[str, Any]]
+    projection: dict[str, Any]
+    dtype: str
+    dim: int
+    per_token: bool = False
+    normalizer: str | None = None
+    preconditioner: str | None = None
+    unit_normalized: bool = False
+    data: dict[str, Any] = field(default_factory=dict)
+    kind: str = GRADIENTS
+    format_version: int = FORMAT_VERSION
+    rayattr_version: str = __version__
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, where: str) -> TableMeta:
+        payload = json.loads(raw)
+        version = payload.get("format_version", 0)
+        if version > FORMAT_VERSION:
+            raise RayattrError(
+                f"{where} was written by rayattr {payload.get('rayattr_version')} (table format {version}); "
+                f"this rayattr {__version__} reads format <= {FORMAT_VERSION}: upgrade rayattr"
+            )
+        return cls(**payload)
+
+    def mismatches(self, other: TableMeta, fields: tuple[str, ...] = COMPATIBILITY_FIELDS) -> list[str]:
+        """Names of the given fields on which two tables disagree."""
+        return [name for name in fields if getattr(self, name) != getattr(other, name)]
+
+
+def require_compatible(index: TableMeta, query: TableMeta) -> None:
+    """Refuse to compare vectors from different models, subspaces or normalizers."""
+    differing = index.mismatches(query)
+    if differing:
+        name = differing[0]
+        raise RayattrError(
+            f"query and index disagree on {', '.join(differing)} (index {name}={getattr(index, name)!r}, "
+            f"query {name}={getattr(query, name)!r}); rebuild the query with the index's settings"
+        )
+
+
+def gradient_schema(meta: TableMeta) -> pa.Schema:
+    """Arrow schema of a gradient table, with the metadata attached."""
+    fields = [pa.field("id", pa.int64()), pa.field("num_tokens", pa.int32()), pa.field("loss", pa.float32())]
+    if meta.per_token:
+        fields.append(pa.field("token_pos", pa.int32()))
+    fields.append(pa.field("grad", pa.list_(_ARROW_DTYPES[meta.dtype], meta.dim)))
+    return pa.schema(fields, metadata={META_KEY: meta.to_json()})
+
+
+def connect(uri: str):
+    """A LanceDB connection to a run path (local directory or object-store URI)."""
+    import lancedb
+
+    return lancedb.connect(str(uri))
+
+
+def table_exists(uri: str, name: str) -> bool:
+    return name in connect(uri).list_tables().tables
+
+
+class GradientTable:
+    """A LanceDB table of gradient rows plus the metadata that explains them."""
+
+    def __init__(self, table, meta: TableMeta, uri: str) -> None:
+        self.table = table
+        self.meta = meta
+        self.uri = uri
+
+    @classmethod
+    def create(cls, uri: str, meta: TableMeta, name: str = GRADIENTS) -> GradientTable:
+        """Create the table, or open it for resuming when it holds the same kind of rows."""
+        if table_exists(uri, name):
+            existing = cls.open(uri, name)
+            differing = existing.meta.mismatches(meta, COMPATIBILITY_FIELDS + ("dtype", "per_token", "data", "dim"))
+            if differing:
+                raise RayattrError(
+                    f"table {name!r} in {uri} was built with other settings ({', '.join(differing)}); "
+                    "use a new RUN_PATH, or rerun with the settings it was built with to resume"
+                )
+            return existing
+        try:
+            table = connect(uri).create_table(name, schema=gradient_schema(meta))
+        except (ValueError, OSError):
+            if not table_exists(uri, name):
+                raise
+            return cls.create(uri, meta, name)  # another worker created it first: verify it instead
+        return cls(table, meta, uri)
+
+    @classmethod
+    def open(cls, uri: str, name: str = GRADIENTS) -> GradientTable:
+        """Open an existing table; a missing table or missing metadata is an error."""
+        try:
+            table = connect(uri).open_table(name)
+        except (ValueError, FileNotFoundError) as exc:
+            raise RayattrError(f"no table {name!r} in {uri}; run `rayattr build {uri} ...` first") from exc
+        metadata = table.schema.metadata or {}
+        if META_KEY not in metadata:
+            raise RayattrError(
+                f"table {name!r} in {uri} has no rayattr metadata, so its vectors cannot be interpreted; "
+                "it was not written by rayattr: rebuild it with `rayattr build`"
+            )
+        return cls(table, TableMeta.from_json(metadata[META_KEY], f"table {name!r} in {uri}"), uri)
+
+    def append(self, rows: pa.Table) -> None:
+        """Append rows in one commit (atomic: a killed writer leaves no partial batch)."""
+        if rows.num_rows:
+            self.table.add(rows.cast(gradient_schema(self.meta)))
+
+    def count(self) -> int:
+        return self.table.count_rows()
+
+    def iter_batches(self, columns: list[str] | None = None, batch_size: int = 8192) -> Iterator[pa.RecordBatch]:
+        """Stream the table in record batches (memory bounded by ``batch_size``)."""
+        yield from self.table.to_lance().to_batches(columns=columns, batch_size=batch_size)
+
+    def iter_ids(self, batch_size: int = 65536) -> Iterator[np.ndarray]:
+        """Stream the ids present, for resuming without loading the vectors."""
+        for batch in self.iter_batches(["id"], batch_size):
+            yield batch.column(0).to_numpy()
+
+    def read_matrix(self, batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, vectors)`` sorted by id (then token position), filled batch by batch."""
+        total = self.count()
+        dtype = np.float16 if self.meta.dtype == "float16" else np.float32
+        vectors = np.empty((total, self.meta.dim), dtype)
+        ids = np.empty(total, np.int64)
+        pos = np.zeros(total, np.int32)
+        columns = ["id", "grad"] + (["token_pos"] if self.meta.per_token else [])
+        row = 0
+        for batch in self.iter_batches(columns, batch_size):
+            n = batch.num_rows
+            ids[row : row + n] = batch.column("id").to_numpy()
+            vectors[row : row + n] = vectors_of(batch.column("grad"), self.meta.dim)
+            if self.meta.per_token:
+                pos[row : row + n] = batch.column("token_pos").to_numpy()
+            row += n
+        order = np.lexsort((pos[:row], ids[:row]))
+        return ids[order], vectors[order]
+
+    def optimize(self) -> None:
+        """Compact the fragments that many small appends leave behind."""
+        self.table.optimize()
+
+
+def vectors_of(column: pa.Array, dim: int) -> np.ndarray:
+    """A fixed-size-list column as an ``[n, dim]`` numpy view (no per-row Python)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
