@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from rayattr.config import DataSpec, RayattrError
 
-HF_SHARD_ROWS = 4096
+SHARD_ROWS = 1024  # rows per shard: the unit of parallelism and of resume bookkeeping
 _SPLIT = re.compile(r"^(?P<name>[\w\-.]+)(\[(?P<start>-?\d*):(?P<stop>-?\d*)\])?$")
 
 
@@ -142,14 +142,14 @@ def plan_shards(spec: DataSpec) -> list[Shard]:
             metadata = pq.ParquetFile(path, filesystem=fs).metadata
             for group in range(metadata.num_row_groups):
                 rows = metadata.row_group(group).num_rows
-                pieces.append(Shard(first_id, rows, path, group))
+                pieces += [Shard(first_id + lo, min(SHARD_ROWS, rows - lo), path, group, lo) for lo in range(0, rows, SHARD_ROWS)]
                 first_id += rows
         total = first_id
     else:
         table = _hf_dataset(spec.dataset, spec.subset, split_name)
         columns = table.column_names
         total = len(table)
-        pieces = [Shard(i, min(HF_SHARD_ROWS, total - i)) for i in range(0, total, HF_SHARD_ROWS)]
+        pieces = [Shard(i, min(SHARD_ROWS, total - i)) for i in range(0, total, SHARD_ROWS)]
     _check_columns(spec, columns)
     stop = total if stop is None else min(stop, total)
     shards = [clipped for piece in pieces if (clipped := _clip(piece, start, stop)) is not None]
@@ -172,8 +172,12 @@ def _clip(shard: Shard, start: int, stop: int) -> Shard | None:
     return Shard(lo, hi - lo, shard.path, shard.row_group, shard.offset + lo - shard.first_id)
 
 
-def read_shard(spec: DataSpec, shard: Shard, batch_rows: int = 1024) -> Iterator[pa.Table]:
-    """Stream a shard's rows (the columns the spec reads, plus ``id``) in batches."""
+def read_shard(spec: DataSpec, shard: Shard, batch_rows: int = SHARD_ROWS) -> Iterator[pa.Table]:
+    """Stream a shard's rows (the columns the spec reads, plus ``id``) in batches.
+
+    A shard inside a large parquet row group is reached by decoding the group's
+    earlier rows; with ``batch_rows == SHARD_ROWS`` that is whole-batch skips.
+    """
     split_name = parse_split(spec.split)[0]
     columns = spec.columns
     if shard.path:

@@ -176,6 +176,38 @@ class GradientTable:
         order = np.lexsort((pos[:row], ids[:row]))
         return ids[order], vectors[order]
 
+    def deduplicate(self) -> int:
+        """Keep one copy of every row written more than once; returns the rows removed.
+
+        Appends are at-least-once: a retried block or a killed job's leftover
+        actor can commit a row that another writer also commits. Rows of one
+        id are identical, so the repair is exact. Counting uses one small
+        integer per id (streamed), then rewrites only the duplicated ids; a
+        crash between the delete and the re-append loses those ids, which the
+        next resume recomputes.
+        """
+        counts = np.zeros(0, np.uint32)
+        expected = np.zeros(0, np.uint32)
+        for batch in self.iter_batches(["id", "num_tokens"]):
+            ids = batch.column("id").to_numpy()
+            if ids.size and ids.max() >= counts.size:
+                extra = np.zeros(max(int(ids.max()) + 1, 2 * counts.size) - counts.size, np.uint32)
+                counts, expected = np.concatenate([counts, extra]), np.concatenate([expected, extra])
+            np.add.at(counts, ids, 1)
+            rows_per_id = batch.column("num_tokens").to_numpy() - 1 if self.meta.per_token else 1
+            expected[ids] = rows_per_id
+        duplicated = np.flatnonzero(counts > expected)
+        removed = 0
+        for chunk in np.array_split(duplicated, max(1, duplicated.size // 1000)) if duplicated.size else ():
+            predicate = f"id IN ({','.join(map(str, chunk.tolist()))})"
+            rows = self.table.to_lance().to_table(filter=predicate)
+            key = [rows.column(k).to_numpy() for k in (["id", "token_pos"] if self.meta.per_token else ["id"])]
+            _, first = np.unique(np.stack(key, axis=1), axis=0, return_index=True)
+            self.table.delete(predicate)
+            self.append(rows.take(np.sort(first)))
+            removed += rows.num_rows - first.size
+        return removed
+
     def optimize(self) -> None:
         """Compact the fragments that many small appends leave behind."""
         self.table.optimize()

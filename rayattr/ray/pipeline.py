@@ -18,8 +18,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from rayattr.config import DataSpec, RayattrError, RunSpec
+from rayattr.config import DataSpec, GradSpec, RayattrError, RunSpec
 from rayattr.data import Shard, TokenizedDocs, plan_shards, read_shard, tokenize
+from rayattr.grads.collector import select_modules
 from rayattr.grads.engine import GradientEngine
 from rayattr.model import load_config, load_model, load_tokenizer, max_positions, model_fingerprint
 from rayattr.store import GRADIENTS, GradientTable, table_exists
@@ -107,6 +108,19 @@ class GradientWorker:
         })
 
 
+def check_modules(model_config, grads: GradSpec) -> None:
+    """Fail on the driver, before any worker starts, when the module globs select nothing.
+
+    The model is instantiated on the meta device: names and shapes, no weights.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config)
+    select_modules(skeleton, grads.modules, grads.exclude_modules)
+
+
 @dataclass
 class BuildProgress:
     """What the driver knows while a build runs (passed to the progress callback)."""
@@ -118,6 +132,7 @@ class BuildProgress:
     skipped: int = 0
     seconds: float = 0.0
     first_row_seconds: float | None = None
+    duplicates_removed: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -154,6 +169,7 @@ def build(
     """Write the gradient table of ``spec.data`` into ``run_path``; resumes an existing one."""
     start, wall_start = time.perf_counter(), time.time()
     model_config = load_config(spec.model)
+    check_modules(model_config, spec.grads)
     shards = plan_shards(spec.data)
     ensure_ray(ray_address)
     resources = WorkerResources.plan(workers)
@@ -177,7 +193,7 @@ def build(
             num_gpus=resources.num_gpus,
             fn_constructor_kwargs=dict(spec=spec, run_path=run_path, threads=resources.threads),
         )
-        for summary in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for summary in _surface_user_errors(dataset.iter_batches(batch_size=None, batch_format="pyarrow")):
             written = summary.column("written").to_numpy(zero_copy_only=False)
             progress.docs += summary.num_rows
             progress.written += int(written.sum())
@@ -188,6 +204,37 @@ def build(
                 progress.first_row_seconds = float(pc.min(summary.column("written_at")).as_py()) - wall_start
             if on_progress:
                 on_progress(progress)
-        GradientTable.open(run_path).optimize()
+        table = GradientTable.open(run_path)
+        progress.duplicates_removed = table.deduplicate()
+        table.optimize()
     progress.seconds = time.perf_counter() - start
     return progress
+
+
+def _surface_user_errors(batches: Iterator[pa.Table]) -> Iterator[pa.Table]:
+    """Re-raise a RayattrError from inside a worker as itself, not wrapped in Ray's errors."""
+    try:
+        yield from batches
+    except RayattrError:
+        raise
+    except Exception as exc:
+        cause = find_user_error(exc)
+        if cause is None:
+            raise
+        raise RayattrError(str(cause)) from exc
+
+
+def find_user_error(exc: BaseException | None) -> RayattrError | None:
+    """The RayattrError behind a Ray error: in the cause chain, or only in the
+    text of an actor's death report (actor constructors lose the exception object)."""
+    marker = f"{RayattrError.__module__}.{RayattrError.__name__}: "
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc)
+        if marker in text:
+            return RayattrError(text.rsplit(marker, 1)[1].strip().splitlines()[0])
+        if isinstance(exc, RayattrError):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None

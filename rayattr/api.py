@@ -1,0 +1,39 @@
+"""The Python API: the same operations as the CLI, for notebooks and scripts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from rayattr.config import RunSpec
+from rayattr.data import TokenizedDocs, plan_shards, read_shard, tokenize
+from rayattr.grads.engine import GradientEngine, GradientRows
+from rayattr.model import load_model, load_tokenizer, max_positions, model_fingerprint
+from rayattr.ray.pipeline import BuildProgress, build
+from rayattr.store import GRADIENTS, GradientTable, TableMeta
+
+__all__ = ["BuildProgress", "build_index", "collect_in_process", "open_index"]
+
+build_index = build
+
+
+def open_index(run_path: str, table: str = GRADIENTS) -> GradientTable:
+    """An existing gradient table, with its metadata checked."""
+    return GradientTable.open(run_path, table)
+
+
+def collect_in_process(spec: RunSpec, docs_per_step: int = 1024) -> Iterator[tuple[TableMeta, GradientRows]]:
+    """Stream gradient rows of ``spec.data`` computed in this process (no Ray).
+
+    Yields ``(meta, rows)`` chunks; the rows equal what ``build_index`` writes.
+    """
+    model = load_model(spec.model)
+    tokenizer = load_tokenizer(spec.model.model, spec.model.revision)
+    engine = GradientEngine(model, spec.grads, tokenizer.pad_token_id)
+    meta = engine.table_meta(model_fingerprint(model, spec.model), spec.data)
+    max_length = min(spec.data.max_length or 10**9, max_positions(model))
+    try:
+        for shard in plan_shards(spec.data):
+            for table in read_shard(spec.data, shard, batch_rows=docs_per_step):
+                yield meta, engine.rows(TokenizedDocs.from_arrow(tokenize(table, spec.data, tokenizer, max_length)))
+    finally:
+        engine.close()

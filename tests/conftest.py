@@ -1,0 +1,54 @@
+"""Shared fixtures for the test suite: the offline fixture, its tokenizer and tiny models."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rayattr.fixtures import Fixture, default_cache_dir, make_fixture
+
+
+@pytest.fixture(scope="session")
+def offline_fixture() -> Fixture:
+    """The default (easy, seed 0) offline fixture, generated once and cached on disk."""
+    return make_fixture(default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def fixture_tokenizer(offline_fixture: Fixture):
+    return AutoTokenizer.from_pretrained(offline_fixture.tokenizer)
+
+
+@pytest.fixture(scope="session")
+def load_fixture_model(offline_fixture: Fixture) -> Callable[..., torch.nn.Module]:
+    """``load(kind, trainable=False)`` -> a freshly loaded tiny model ("neox" or "gpt2") in eval mode.
+
+    Each call returns a new instance, so tests that register hooks, freeze or
+    edit weights never affect one another.
+    """
+
+    def load(kind: str, trainable: bool = False) -> torch.nn.Module:
+        torch.manual_seed(0)
+        path = {"neox": offline_fixture.neox, "gpt2": offline_fixture.gpt2}[kind]
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model.requires_grad_(trainable)
+        return model
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One embedded local Ray for the whole session (starting Ray costs seconds)."""
+    import ray
+
+    from rayattr.ray.pipeline import ensure_ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ensure_ray()
+    yield
+    ray.shutdown()

@@ -1,0 +1,67 @@
+"""`rayattr build` / `rayattr fixture` through Typer's CliRunner: outputs and one-line errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from rayattr.api import open_index
+from rayattr.cli import app
+
+runner = CliRunner()
+
+
+def _build(run: str, model: str, dataset: str, *extra: str):
+    return runner.invoke(app, ["build", run, "--model", model, "--dataset", dataset, "--projection-dim", "4", *extra])
+
+
+def test_build_writes_the_table(ray_session, tmp_path, offline_fixture):
+    run = str(tmp_path / "run")
+    result = _build(run, str(offline_fixture.neox), str(offline_fixture.train), "--split", "train[100:164]", "--dtype", "float16")
+    assert result.exit_code == 0, result.output
+    index = open_index(run)
+    ids, vectors = index.read_matrix()
+    np.testing.assert_array_equal(ids, np.arange(100, 164))
+    assert vectors.dtype == np.float16 and vectors.shape[1] == index.meta.dim == 4 * 4 * len(index.meta.modules)
+    assert np.isfinite(vectors).all() and np.abs(vectors).sum(1).min() > 0
+    assert "rows written" in result.output and "64" in result.output
+
+
+def test_fixture_command_reports_paths(tmp_path):
+    result = runner.invoke(app, ["fixture", str(tmp_path / "fx"), "--variant", "hard"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "fx").exists() and "queries" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--text-column", "body"], "has no column ['body']"),
+        (["--split", "train[5:5]"], "has no rows"),
+        (["--max-length", "8"], "longer than --max-length 8"),
+        (["--modules", "nothing*"], "no Linear/Conv1D module matches"),
+    ],
+)
+def test_bad_input_exits_with_a_named_problem(ray_session, tmp_path, offline_fixture, args, message):
+    run = str(tmp_path / "run")
+    result = _build(run, str(offline_fixture.neox), str(offline_fixture.train), "--split", "train[:32]", *args)
+    assert result.exit_code == 1
+    assert message in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
+def test_missing_model_exits_non_zero(ray_session, tmp_path, offline_fixture):
+    result = _build(str(tmp_path / "run"), str(tmp_path / "no-such-model"), str(offline_fixture.train))
+    assert result.exit_code == 1
+    assert "cannot load model" in result.output and "no-such-model" in result.output
+
+
+def test_empty_dataset_exits_non_zero(ray_session, tmp_path, offline_fixture):
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), empty)
+    result = _build(str(tmp_path / "run"), str(offline_fixture.neox), str(empty))
+    assert result.exit_code == 1
+    assert "has no rows" in result.output
