@@ -8,6 +8,7 @@ import json
 import lancedb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute in the dedup test
 import pytest
 
 from rayattr import __version__
@@ -261,3 +262,29 @@ def test_engine_float16_rows_clamp_large_gradients(tmp_path, load_fixture_model)
     _, vectors = GradientTable.open(uri).read_matrix()
     assert np.isfinite(vectors).all()
     np.testing.assert_array_equal(vectors, half)
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_deduplicate_keeps_exactly_one_copy(tmp_path, per_token):
+    if per_token:
+        ids, pos, num_tokens = np.repeat([4, 7, 9], 3), np.tile([0, 1, 2], 3), 4
+    else:
+        ids, pos, num_tokens = np.array([4, 7, 9, 12]), None, 5
+    meta = make_meta(per_token=per_token)
+    rows = make_rows(ids, meta.dim, seed=3, token_pos=pos)
+    rows.num_tokens[:] = num_tokens
+    table = GradientTable.create(str(tmp_path / "run"), meta)
+    table.append(rows.to_arrow())
+    clean = table.read_matrix()
+    # A retried block re-commits the rows of id 7; a leftover actor re-commits id 9 twice.
+    again = rows.to_arrow()
+    table.append(again.filter(pa.compute.equal(again.column("id"), 7)))
+    for _ in range(2):
+        table.append(again.filter(pa.compute.equal(again.column("id"), 9)))
+    per_id = 3 if per_token else 1
+    assert table.count() == len(ids) + 3 * per_id
+    assert table.deduplicate() == 3 * per_id
+    assert table.count() == len(ids)
+    for got, want in zip(table.read_matrix(), clean):
+        np.testing.assert_array_equal(got, want)
+    assert table.deduplicate() == 0
