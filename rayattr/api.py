@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 from rayattr.config import RunSpec
 from rayattr.data import TokenizedDocs, plan_shards, read_shard, tokenize
-from rayattr.grads.engine import GradientEngine, GradientRows
-from rayattr.model import load_model, load_tokenizer, max_positions, model_fingerprint
+from rayattr.grads.engine import GradientRows, engine_for
+from rayattr.model import load_tokenizer, max_positions
 from rayattr.ray.pipeline import BuildProgress, build
 from rayattr.store import GRADIENTS, GradientTable, TableMeta
 
@@ -26,11 +26,9 @@ def collect_in_process(spec: RunSpec, docs_per_step: int = 1024) -> Iterator[tup
 
     Yields ``(meta, rows)`` chunks; the rows equal what ``build_index`` writes.
     """
-    model = load_model(spec.model)
+    engine, meta = engine_for(spec)
     tokenizer = load_tokenizer(spec.model.model, spec.model.revision)
-    engine = GradientEngine(model, spec.grads, tokenizer.pad_token_id)
-    meta = engine.table_meta(model_fingerprint(model, spec.model), spec.data)
-    max_length = min(spec.data.max_length or 10**9, max_positions(model))
+    max_length = min(spec.data.max_length or 10**9, max_positions(engine.model))
     try:
         for shard in plan_shards(spec.data):
             for table in read_shard(spec.data, shard, batch_rows=docs_per_step):

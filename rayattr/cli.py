@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -43,7 +44,7 @@ def _user_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except RayattrError as exc:
-            console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -66,6 +67,31 @@ def fixture(
         table.add_row(name, str(getattr(made, name)))
     if train:
         table.add_row("neox-trained", str(train_fixture_model(made, seed=seed)))
+    Console().print(table)
+
+
+class NormalizerKind(str, Enum):
+    adafactor = "adafactor"
+    adam = "adam"
+
+
+@app.command()
+@_user_errors
+def normalizer(
+    out: Annotated[Path, typer.Argument(help="Directory to write the normalizer into")],
+    model: Annotated[str, typer.Option(help="Local model directory or hub name the state belongs to")],
+    optimizer_state: Annotated[Path, typer.Option(help="optimizer.pt of an HF Trainer checkpoint (AdamW or Adafactor)")],
+    kind: Annotated[NormalizerKind, typer.Option(help="adafactor (row/col moments) or adam (elementwise)")] = NormalizerKind.adafactor,
+) -> None:
+    """Turn an optimizer state into a normalizer that `build --normalizer` applies to every gradient."""
+    from rayattr.grads.normalizer import from_optimizer_state
+    from rayattr.model import load_model
+
+    made = from_optimizer_state(optimizer_state, load_model(ModelSpec(model=model, device="cpu")), kind=kind.value)
+    made.save(out)
+    table = Table("module", "moments", title=f"{made.kind} normalizer {out} (fingerprint {made.fingerprint})")
+    for name, moments in made.moments.items():
+        table.add_row(name, ", ".join(f"{k}{list(v.shape)}" for k, v in moments.items()))
     Console().print(table)
 
 
@@ -92,6 +118,7 @@ def build(
     precision: Annotated[Precision, typer.Option(help="Model weights dtype")] = Precision.fp32,
     dtype: Annotated[VectorDtype, typer.Option(help="Stored vector dtype")] = VectorDtype.float32,
     per_token: Annotated[bool, typer.Option(help="One row per token instead of per document")] = False,
+    normalizer: Annotated[Optional[str], typer.Option(help="Normalizer directory from `rayattr normalizer`")] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")] = None,
 ) -> None:
     """Collect per-example (projected) gradients of a dataset into a LanceDB table; reruns resume."""
@@ -106,7 +133,7 @@ def build(
         grads=GradSpec(
             projection_dim=projection_dim, projection_type=projection_type.value, seed=seed,
             modules=tuple(modules or ("*",)), exclude_modules=tuple(exclude_modules or ()),
-            per_token=per_token, token_batch_size=token_batch_size, dtype=dtype.value,
+            per_token=per_token, token_batch_size=token_batch_size, dtype=dtype.value, normalizer=normalizer,
         ),
     )
     with Progress(

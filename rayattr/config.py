@@ -90,6 +90,7 @@ class GradSpec:
     per_token: bool = False
     token_batch_size: int = 2048
     dtype: VectorDtype = "float32"
+    normalizer: str | None = None  # directory written by `rayattr normalizer`
 
     def __post_init__(self) -> None:
         if self.projection_dim < 0:

@@ -65,3 +65,22 @@ def test_empty_dataset_exits_non_zero(ray_session, tmp_path, offline_fixture):
     result = _build(str(tmp_path / "run"), str(offline_fixture.neox), str(empty))
     assert result.exit_code == 1
     assert "has no rows" in result.output
+
+
+def test_normalizer_command_then_build_with_it(ray_session, tmp_path, offline_fixture):
+    from rayattr.fixtures import train_fixture_model
+    from rayattr.grads.normalizer import Normalizer
+
+    trained = train_fixture_model(offline_fixture)
+    out = tmp_path / "norm"
+    result = runner.invoke(app, ["normalizer", str(out), "--model", str(trained), "--optimizer-state", str(trained / "optimizer.pt")])
+    assert result.exit_code == 0, result.output
+    made = Normalizer.load(out)
+    assert made.kind == "adafactor" and len(made.moments) == 9
+    run = str(tmp_path / "run")
+    result = _build(run, str(trained), str(offline_fixture.train), "--split", "train[:16]", "--normalizer", str(out))
+    assert result.exit_code == 0, result.output
+    assert open_index(run).meta.normalizer == made.fingerprint
+    bad = runner.invoke(app, ["normalizer", str(tmp_path / "x"), "--model", str(offline_fixture.gpt2),
+                              "--optimizer-state", str(trained / "optimizer.pt")])
+    assert bad.exit_code == 1 and "does not match the model" in bad.output

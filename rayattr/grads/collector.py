@@ -26,6 +26,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from rayattr.config import GradSpec, RayattrError
+from rayattr.grads.normalizer import Normalizer
 from rayattr.grads.projection import KroneckerProjection, module_projection
 
 
@@ -117,12 +118,19 @@ class GradientCollector:
     them); projection matrices are built once, on the model's device.
     """
 
-    def __init__(self, model: nn.Module, spec: GradSpec) -> None:
+    def __init__(self, model: nn.Module, spec: GradSpec, normalizer: Normalizer | None = None) -> None:
         self.model = model
         self.spec = spec
-        self.layouts = plan_layout(select_modules(model, spec.modules, spec.exclude_modules), spec.projection_dim)
+        shapes = select_modules(model, spec.modules, spec.exclude_modules)
+        self.layouts = plan_layout(shapes, spec.projection_dim)
         self.dim = sum(layout.width for layout in self.layouts)
         device = next(model.parameters()).device
+        self.normalizer = normalizer
+        # Adafactor: (row scale of g, col scale of a); Adam: elementwise 1/(sqrt(v)+eps) on the full G.
+        self.scales: dict[str, tuple[torch.Tensor, torch.Tensor] | torch.Tensor] = {}
+        if normalizer is not None:
+            normalizer.check_shapes(shapes)
+            self.scales = {layout.name: normalizer.factors(layout.name, device) for layout in self.layouts}
         self.projections: dict[str, KroneckerProjection] = {}
         if spec.projection_dim:
             for layout in self.layouts:
@@ -188,8 +196,11 @@ class GradientCollector:
         if layout.name in self._acts:
             raise RayattrError(f"module {layout.name} ran twice in one forward pass; exclude it with --exclude-modules")
         acts = inputs[0].float()
+        scale = self.scales.get(layout.name)
+        if isinstance(scale, tuple):
+            acts = acts * scale[1]
         projection = self.projections.get(layout.name)
-        if projection is not None:
+        if projection is not None and not isinstance(scale, torch.Tensor):
             acts = acts @ projection.right.T
         self._acts[layout.name] = acts
         output.register_hook(partial(self._on_backward, layout))
@@ -197,15 +208,27 @@ class GradientCollector:
     def _on_backward(self, layout: ModuleLayout, grad: torch.Tensor) -> None:
         acts = self._acts.pop(layout.name)
         grad = grad.float().masked_fill(~self._valid, 0.0)
+        scale = self.scales.get(layout.name)
         projection = self.projections.get(layout.name)
+        target = self._out[:, layout.offset : layout.offset + layout.width]
+        if isinstance(scale, torch.Tensor):  # Adam: form G, normalize it, then project
+            full = self._outer(grad, acts) * scale
+            if projection is not None:
+                full = projection.left @ full @ projection.right.T
+            target.copy_(full.flatten(1))
+            return
+        if isinstance(scale, tuple):
+            grad = grad * scale[0]
         if projection is not None:
             grad = grad @ projection.left.T
-        target = self._out[:, layout.offset : layout.offset + layout.width]
+        target.copy_(self._outer(grad, acts).flatten(1))
+
+    def _outer(self, grad: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+        """Per-row ``sum_t g_t a_t^T``: ``[B, O, I]`` per document, ``[tokens, O, I]`` per token."""
         if self._token_rows is None:
-            target.copy_(torch.bmm(grad.transpose(1, 2), acts).flatten(1))
-        else:
-            mask = self._token_rows
-            target.copy_((grad[mask].unsqueeze(2) * acts[mask].unsqueeze(1)).flatten(1))
+            return torch.bmm(grad.transpose(1, 2), acts)
+        mask = self._token_rows
+        return grad[mask].unsqueeze(2) * acts[mask].unsqueeze(1)
 
 
 def per_example_loss(logits: torch.Tensor, input_ids: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:

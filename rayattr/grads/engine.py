@@ -13,9 +13,11 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from rayattr.config import DataSpec, GradSpec, to_dict
+from rayattr.config import DataSpec, GradSpec, RunSpec, to_dict
 from rayattr.data import TokenizedDocs, token_budget_batches
 from rayattr.grads.collector import GradientCollector, ModuleLayout, TokenBatch
+from rayattr.grads.normalizer import Normalizer
+from rayattr.model import load_model, load_tokenizer, model_fingerprint
 from rayattr.store import TableMeta
 
 _NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -66,12 +68,16 @@ def collate(docs: TokenizedDocs, index: np.ndarray, pad_token_id: int, padding_s
 class GradientEngine:
     """A frozen model with gradient hooks, fed in token-budget batches."""
 
-    def __init__(self, model: nn.Module, spec: GradSpec, pad_token_id: int, padding_side: str = "right") -> None:
+    def __init__(
+        self, model: nn.Module, spec: GradSpec, pad_token_id: int, padding_side: str = "right",
+        normalizer: Normalizer | None = None,
+    ) -> None:
         self.model = model
         self.spec = spec
         self.pad_token_id = pad_token_id
         self.padding_side = padding_side
-        self.collector = GradientCollector(model, spec)
+        self.normalizer = normalizer
+        self.collector = GradientCollector(model, spec, normalizer)
         self.device = next(model.parameters()).device
 
     @property
@@ -99,8 +105,10 @@ class GradientEngine:
             dtype=self.spec.dtype,
             dim=self.dim,
             per_token=self.spec.per_token,
+            normalizer=self.normalizer.fingerprint if self.normalizer else None,
             data=to_dict(data),
         )
+
 
     def rows(self, docs: TokenizedDocs) -> GradientRows:
         """Gradient rows of ``docs`` in input order; docs without a loss token are skipped."""
@@ -144,6 +152,19 @@ class GradientEngine:
             token_pos=token_pos,
             skipped=skipped,
         )
+
+
+def engine_for(spec: RunSpec) -> tuple[GradientEngine, TableMeta]:
+    """Load the model, tokenizer and normalizer of a run and wrap them in an engine.
+
+    The one place a worker or an in-process run builds its engine, so both
+    produce identical rows and identical table metadata.
+    """
+    model = load_model(spec.model)
+    tokenizer = load_tokenizer(spec.model.model, spec.model.revision)
+    normalizer = Normalizer.load(spec.grads.normalizer) if spec.grads.normalizer else None
+    engine = GradientEngine(model, spec.grads, tokenizer.pad_token_id, normalizer=normalizer)
+    return engine, engine.table_meta(model_fingerprint(model, spec.model), spec.data)
 
 
 def _to_storage(grads: np.ndarray, dtype: type) -> np.ndarray:

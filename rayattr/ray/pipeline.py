@@ -21,8 +21,8 @@ import ray
 from rayattr.config import DataSpec, GradSpec, RayattrError, RunSpec
 from rayattr.data import Shard, TokenizedDocs, plan_shards, read_shard, tokenize
 from rayattr.grads.collector import select_modules
-from rayattr.grads.engine import GradientEngine
-from rayattr.model import load_config, load_model, load_tokenizer, max_positions, model_fingerprint
+from rayattr.grads.engine import engine_for
+from rayattr.model import load_config, load_tokenizer, max_positions
 from rayattr.store import GRADIENTS, GradientTable, table_exists
 
 DOCS_PER_WRITE = 256
@@ -88,12 +88,10 @@ class GradientWorker:
         import torch
 
         torch.set_num_threads(threads)
-        model = load_model(spec.model)
-        tokenizer = load_tokenizer(spec.model.model, spec.model.revision)
-        self.engine = GradientEngine(model, spec.grads, tokenizer.pad_token_id)
+        self.engine, meta = engine_for(spec)
         # Every worker creates-or-verifies the table from its own model, so a
         # node that loaded a different checkpoint fails instead of mixing rows.
-        self.table = GradientTable.create(run_path, self.engine.table_meta(model_fingerprint(model, spec.model), spec.data))
+        self.table = GradientTable.create(run_path, meta)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         docs = TokenizedDocs.from_arrow(batch)

@@ -1,0 +1,1 @@
+"""Curvature statistics and their inversion; plain torch, no Ray."""

@@ -1,0 +1,161 @@
+"""Adam and Adafactor normalizers equal their explicit formulas on exact gradients."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from rayattr.config import GradSpec, RayattrError
+from rayattr.data import TokenizedDocs
+from rayattr.fixtures import TRAINED_DIRNAME, make_fixture, train_fixture_model
+from rayattr.grads.engine import GradientEngine
+from rayattr.grads.normalizer import ADAM_EPS, ADAFACTOR_EPS, Normalizer, from_optimizer_state
+
+
+@pytest.fixture(scope="module")
+def trained(offline_fixture, tmp_path_factory):
+    """A short fine-tune in a private copy of the fixture: a real AdamW state for a real model."""
+    root = tmp_path_factory.mktemp("trained")
+    shutil.copytree(offline_fixture.root, root / offline_fixture.root.name, ignore=shutil.ignore_patterns(TRAINED_DIRNAME))
+    return train_fixture_model(make_fixture(root), steps=30)
+
+
+@pytest.fixture(scope="module")
+def docs(fixture_tokenizer) -> TokenizedDocs:
+    texts = ["Mira Oskel was born in Dremsville.", "Zynia Labs employs Tor.", "A short one", "Trains leave twice a day."]
+    tokens = [np.array(t) for t in fixture_tokenizer(texts)["input_ids"]]
+    return TokenizedDocs(np.arange(len(texts)), tokens, np.ones(len(texts), np.int64))
+
+
+def _full_grads(model, docs, pad_id) -> tuple[dict[str, torch.Tensor], GradientEngine]:
+    engine = GradientEngine(model, GradSpec(projection_dim=0), pad_id)
+    rows = torch.from_numpy(engine.rows(docs).grads)
+    engine.close()
+    return {l.name: rows[:, l.offset : l.offset + l.width].view(-1, l.out_features, l.in_features) for l in engine.layouts}, engine
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _random_adafactor(engine: GradientEngine, seed: int = 0) -> Normalizer:
+    g = torch.Generator().manual_seed(seed)
+    return Normalizer("adafactor", {
+        l.name: {"row": torch.rand(l.out_features, generator=g) + 0.1, "col": torch.rand(l.in_features, generator=g) + 0.1}
+        for l in engine.layouts
+    })
+
+
+@pytest.mark.parametrize("projection_dim", [0, 4])
+def test_adafactor_factored_path_equals_explicit_formula(load_fixture_model, fixture_tokenizer, docs, projection_dim):
+    model = load_fixture_model("neox")
+    full, plain = _full_grads(model, docs, fixture_tokenizer.pad_token_id)
+    normalizer = _random_adafactor(plain)
+    engine = GradientEngine(model, GradSpec(projection_dim=projection_dim), fixture_tokenizer.pad_token_id, normalizer=normalizer)
+    rows = torch.from_numpy(engine.rows(docs).grads)
+    for layout in engine.layouts:
+        m = normalizer.moments[layout.name]
+        r, c = m["row"].double() + ADAFACTOR_EPS, m["col"].double() + ADAFACTOR_EPS
+        explicit = full[layout.name].double() / torch.sqrt(torch.outer(r, c) / r.mean())
+        if projection_dim:
+            left, right = engine.collector.projections[layout.name]
+            explicit = left.double() @ explicit @ right.double().T
+        got = rows[:, layout.offset : layout.offset + layout.width].double()
+        assert _rel(got, explicit.flatten(1)) <= 1e-5, layout.name
+    engine.close()
+
+
+@pytest.mark.parametrize("projection_dim", [0, 4])
+def test_adam_from_saved_adamw_state_matches_direct_computation(trained, fixture_tokenizer, docs, projection_dim):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(trained).eval()
+    normalizer = from_optimizer_state(trained / "optimizer.pt", model, kind="adam")
+    # Direct: look the state entry up by the saved parameter order.
+    state = torch.load(trained / "optimizer.pt", weights_only=True)
+    names = json.loads((trained / "optimizer_param_names.json").read_text())
+    order = [i for group in state["param_groups"] for i in group["params"]]
+    direct_v = {name[: -len(".weight")]: state["state"][i]["exp_avg_sq"] for i, name in zip(order, names) if name.endswith(".weight")}
+    full, _ = _full_grads(model, docs, fixture_tokenizer.pad_token_id)
+    engine = GradientEngine(model, GradSpec(projection_dim=projection_dim), fixture_tokenizer.pad_token_id, normalizer=normalizer)
+    rows = torch.from_numpy(engine.rows(docs).grads)
+    for layout in engine.layouts:
+        v = direct_v[layout.name]
+        torch.testing.assert_close(normalizer.moments[layout.name]["v"], v, rtol=0, atol=0)
+        explicit = full[layout.name].double() / (v.double().sqrt() + ADAM_EPS)
+        if projection_dim:
+            left, right = engine.collector.projections[layout.name]
+            explicit = left.double() @ explicit @ right.double().T
+        got = rows[:, layout.offset : layout.offset + layout.width].double()
+        assert _rel(got, explicit.flatten(1)) <= 1e-5, layout.name
+    engine.close()
+
+
+def test_adam_state_reduces_to_adafactor_means(trained):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(trained)
+    adam = from_optimizer_state(trained / "optimizer.pt", model, kind="adam")
+    adafactor = from_optimizer_state(trained / "optimizer.pt", model, kind="adafactor")
+    assert adafactor.kind == "adafactor" and adafactor.fingerprint != adam.fingerprint
+    for name, m in adam.moments.items():
+        torch.testing.assert_close(adafactor.moments[name]["row"], m["v"].mean(1))
+        torch.testing.assert_close(adafactor.moments[name]["col"], m["v"].mean(0))
+
+
+def test_optimizer_state_of_another_model_is_refused(trained, load_fixture_model):
+    with pytest.raises(RayattrError, match="does not match the model"):
+        from_optimizer_state(trained / "optimizer.pt", load_fixture_model("gpt2"))
+
+
+def test_not_an_optimizer_state_is_refused(tmp_path, load_fixture_model):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "optimizer.pt")
+    with pytest.raises(RayattrError, match="not a torch optimizer state_dict"):
+        from_optimizer_state(tmp_path / "optimizer.pt", load_fixture_model("neox"))
+
+
+def test_save_load_round_trip_and_corruption(tmp_path, load_fixture_model, fixture_tokenizer):
+    engine = GradientEngine(load_fixture_model("neox"), GradSpec(projection_dim=0), fixture_tokenizer.pad_token_id)
+    normalizer = _random_adafactor(engine, seed=3)
+    normalizer.save(tmp_path / "norm")
+    loaded = Normalizer.load(tmp_path / "norm")
+    assert loaded.fingerprint == normalizer.fingerprint and loaded.kind == "adafactor"
+    for name, m in normalizer.moments.items():
+        torch.testing.assert_close(loaded.moments[name]["row"], m["row"], rtol=0, atol=0)
+    manifest = json.loads((tmp_path / "norm" / "normalizer.json").read_text())
+    manifest["fingerprint"] = "0" * 16
+    (tmp_path / "norm" / "normalizer.json").write_text(json.dumps(manifest))
+    with pytest.raises(RayattrError, match="does not match its manifest"):
+        Normalizer.load(tmp_path / "norm")
+    with pytest.raises(RayattrError, match="not a normalizer directory"):
+        Normalizer.load(tmp_path / "elsewhere")
+
+
+def test_normalizer_for_other_modules_is_refused(load_fixture_model, fixture_tokenizer):
+    neox = GradientEngine(load_fixture_model("neox"), GradSpec(projection_dim=0), fixture_tokenizer.pad_token_id)
+    normalizer = _random_adafactor(neox)
+    neox.close()
+    with pytest.raises(RayattrError, match="does not fit module"):
+        GradientEngine(load_fixture_model("gpt2"), GradSpec(projection_dim=4), fixture_tokenizer.pad_token_id, normalizer=normalizer)
+
+
+def test_table_meta_carries_the_normalizer_fingerprint(load_fixture_model, fixture_tokenizer):
+    from rayattr.config import DataSpec
+    from rayattr.store import require_compatible
+
+    model = load_fixture_model("neox")
+    plain = GradientEngine(model, GradSpec(projection_dim=4), fixture_tokenizer.pad_token_id)
+    normalizer = _random_adafactor(plain)
+    plain.close()
+    normed = GradientEngine(model, GradSpec(projection_dim=4), fixture_tokenizer.pad_token_id, normalizer=normalizer)
+    fingerprint = {"name": "m", "revision": "", "config": "c", "weights": "w"}
+    meta_plain = plain.table_meta(fingerprint, DataSpec("d"))
+    meta_normed = normed.table_meta(fingerprint, DataSpec("d"))
+    assert meta_normed.normalizer == normalizer.fingerprint and meta_plain.normalizer is None
+    with pytest.raises(RayattrError, match="normalizer"):
+        require_compatible(meta_plain, meta_normed)
+    normed.close()
