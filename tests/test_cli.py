@@ -84,3 +84,37 @@ def test_normalizer_command_then_build_with_it(ray_session, tmp_path, offline_fi
     bad = runner.invoke(app, ["normalizer", str(tmp_path / "x"), "--model", str(offline_fixture.gpt2),
                               "--optimizer-state", str(trained / "optimizer.pt")])
     assert bad.exit_code == 1 and "does not match the model" in bad.output
+
+
+def test_hessian_and_mix_commands(ray_session, tmp_path, offline_fixture):
+    import torch
+
+    from rayattr.hessian.factors import load_stats
+
+    common = ["--model", str(offline_fixture.neox), "--projection-dim", "4"]
+    index = runner.invoke(app, ["hessian", str(tmp_path / "index"), "--dataset", str(offline_fixture.train),
+                                "--sample-size", "40", *common])
+    assert index.exit_code == 0, index.output
+    assert "40 examples" in " ".join(index.output.split())
+    query = runner.invoke(app, ["hessian", str(tmp_path / "query"), "--dataset", str(offline_fixture.queries),
+                                "--prompt-column", "prompt", "--completion-column", "completion", *common])
+    assert query.exit_code == 0, query.output
+    mixed = runner.invoke(app, ["mix", "--query", str(tmp_path / "query" / "stats"), "--index", str(tmp_path / "index" / "stats"),
+                                "--out", str(tmp_path / "mixed"), "--target-downweight-components", "10"])
+    assert mixed.exit_code == 0, mixed.output
+    tensors, manifest = load_stats(tmp_path / "mixed")
+    q, _ = load_stats(tmp_path / "query" / "stats")
+    i, _ = load_stats(tmp_path / "index" / "stats")
+    lam = manifest["mixed"]["lambda"]
+    assert 0 <= lam <= 1 and manifest["mixed"]["k"] == 9
+    for name, t in tensors.items():
+        torch.testing.assert_close(t["second_moment"], lam * q[name]["second_moment"] + (1 - lam) * i[name]["second_moment"])
+    # Statistics of another projection cannot be mixed in.
+    other = runner.invoke(app, ["hessian", str(tmp_path / "other"), "--dataset", str(offline_fixture.train),
+                                "--sample-size", "8", "--model", str(offline_fixture.neox), "--projection-dim", "2"])
+    assert other.exit_code == 0, other.output
+    bad = runner.invoke(app, ["mix", "--query", str(tmp_path / "other" / "stats"), "--index", str(tmp_path / "index" / "stats"),
+                              "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 1 and "disagree on modules, projection" in bad.output
+    typo = runner.invoke(app, ["hessian", str(tmp_path / "t"), "--dataset", str(offline_fixture.train), "--method", "kfca", *common])
+    assert typo.exit_code != 0 and "kfca" in typo.output

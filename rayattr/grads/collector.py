@@ -17,6 +17,7 @@ layout for both module types.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -145,6 +146,9 @@ class GradientCollector:
             modules[layout.name].register_forward_hook(partial(self._on_forward, layout)) for layout in self.layouts
         ]
         self._handles.append(model.get_input_embeddings().register_forward_hook(_require_grad))
+        # Optional per-token observer ``tap(module, a[n, I], g[n, O])`` of the valid
+        # tokens' (normalized, unprojected) activations and output gradients: K-FAC uses it.
+        self.tap: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None
         self._acts: dict[str, torch.Tensor] = {}
         self._out: torch.Tensor | None = None
         self._valid: torch.Tensor | None = None
@@ -219,6 +223,11 @@ class GradientCollector:
             return
         if isinstance(scale, tuple):
             grad = grad * scale[0]
+        if self.tap is not None:
+            if projection is not None:
+                raise RayattrError("per-token factors (K-FAC) need full activations: use --projection-dim 0")
+            valid = self._valid.squeeze(-1)
+            self.tap(layout.name, acts[valid], grad[valid])
         if projection is not None:
             grad = grad @ projection.left.T
         target.copy_(self._outer(grad, acts).flatten(1))

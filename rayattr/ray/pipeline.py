@@ -119,6 +119,32 @@ def check_modules(model_config, grads: GradSpec) -> None:
     select_modules(skeleton, grads.modules, grads.exclude_modules)
 
 
+def prepare(spec: RunSpec, ray_address: str | None) -> list[Shard]:
+    """Driver-side checks that need no worker (model exists, modules match, data
+    readable and non-empty), then Ray; returns the dataset's shards."""
+    check_modules(load_config(spec.model), spec.grads)
+    shards = plan_shards(spec.data)
+    ensure_ray(ray_address)
+    return shards
+
+
+def token_stream(spec: RunSpec, items: list[dict]) -> ray.data.Dataset:
+    """Ray Data plan reading and tokenizing shard items (dicts of Shard fields + ``done_ids``)."""
+    max_length = min(spec.data.max_length or 10**9, max_positions(load_config(spec.model)))
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        read_and_tokenize,
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=TOKENIZE_CPUS,
+        fn_kwargs=dict(data=spec.data, tokenizer_name=spec.model.model, revision=spec.model.revision, max_length=max_length),
+    )
+
+
+def shard_items(shards: list[Shard]) -> list[dict]:
+    """Shard items for a stream that reads everything (no resume)."""
+    return [dataclasses.asdict(shard) | {"done_ids": []} for shard in shards]
+
+
 @dataclass
 class BuildProgress:
     """What the driver knows while a build runs (passed to the progress callback)."""
@@ -139,9 +165,11 @@ class BuildProgress:
 
 def _resume_plan(shards: list[Shard], table: GradientTable | None) -> list[dict]:
     """Shard items with the ids each already has in the table; complete shards drop out."""
+    if table is None:
+        return shard_items(shards)
     starts = np.array([s.first_id for s in shards], np.int64)
     done_ids: list[list[np.ndarray]] = [[] for _ in shards]
-    for ids in table.iter_ids() if table is not None else ():
+    for ids in table.iter_ids():
         slot = np.searchsorted(starts, ids, side="right") - 1
         for index in np.unique(slot):
             if index >= 0:
@@ -166,23 +194,13 @@ def build(
 ) -> BuildProgress:
     """Write the gradient table of ``spec.data`` into ``run_path``; resumes an existing one."""
     start, wall_start = time.perf_counter(), time.time()
-    model_config = load_config(spec.model)
-    check_modules(model_config, spec.grads)
-    shards = plan_shards(spec.data)
-    ensure_ray(ray_address)
+    shards = prepare(spec, ray_address)
     resources = WorkerResources.plan(workers)
     table = GradientTable.open(run_path) if table_exists(run_path, GRADIENTS) else None
     items = _resume_plan(shards, table)
     progress = BuildProgress(total_docs=sum(s["num_rows"] - len(s["done_ids"]) for s in items))
     if items:
-        max_length = min(spec.data.max_length or 10**9, max_positions(model_config))
-        dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            read_and_tokenize,
-            batch_size=1,
-            batch_format="pyarrow",
-            num_cpus=TOKENIZE_CPUS,
-            fn_kwargs=dict(data=spec.data, tokenizer_name=spec.model.model, revision=spec.model.revision, max_length=max_length),
-        ).map_batches(
+        dataset = token_stream(spec, items).map_batches(
             GradientWorker,
             batch_size=docs_per_write,
             batch_format="pyarrow",

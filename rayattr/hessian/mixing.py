@@ -1,0 +1,49 @@
+"""TrackStar's task-specific Hessian: mix query and index second moments, saved like any statistics."""
+
+from __future__ import annotations
+
+from rayattr.config import RayattrError, stable_hash
+from rayattr.hessian.factors import eigh_psd, load_stats, mix, mixing_lambda, save_stats
+
+IDENTITY_FIELDS = ("model", "modules", "projection", "normalizer")
+
+
+def require_same_space(first: dict, second: dict, what: str) -> None:
+    """Two statistics manifests describe the same model, modules, projection and normalizer."""
+    differing = [name for name in IDENTITY_FIELDS if first.get(name) != second.get(name)]
+    if differing:
+        raise RayattrError(
+            f"{what} disagree on {', '.join(differing)}; fit both with the same model, modules, "
+            "--projection-dim/--seed and normalizer"
+        )
+
+
+def mix_stats(query_dir: str, index_dir: str, out_dir: str, target_downweight_components: int = 1000) -> tuple[float, int]:
+    """Write ``lam * H_query + (1 - lam) * H_index`` per module (with its eigendecomposition) to ``out_dir``."""
+    query, query_manifest = load_stats(query_dir)
+    index, index_manifest = load_stats(index_dir)
+    for directory, manifest in ((query_dir, query_manifest), (index_dir, index_manifest)):
+        if manifest.get("method") != "second-moment":
+            raise RayattrError(f"{directory} holds {manifest.get('method')} statistics; mixing needs second-moment ones")
+    require_same_space(query_manifest, index_manifest, "query and index statistics")
+    lam, k = mixing_lambda(
+        [index[name]["eigenvalues"] for name in sorted(index)],
+        [query[name]["eigenvalues"] for name in sorted(query)],
+        target_downweight_components,
+    )
+    tensors = {}
+    for name in index:
+        matrix = mix(query[name]["second_moment"], index[name]["second_moment"], lam)
+        eigen = eigh_psd(matrix)
+        tensors[name] = {"second_moment": matrix, "eigenvalues": eigen.values, "eigenvectors": eigen.vectors}
+    identity = {field: index_manifest[field] for field in IDENTITY_FIELDS}
+    manifest = {
+        "method": "second-moment", **identity,
+        "fingerprint": stable_hash(identity | {"method": "second-moment", "lambda": lam}),
+        "examples": index_manifest["examples"] + query_manifest["examples"], "tokens": 0,
+        "mixed": {"lambda": lam, "k": k, "target_downweight_components": target_downweight_components,
+                  "query": query_manifest["fingerprint"], "index": index_manifest["fingerprint"]},
+        "data": {"query": query_manifest.get("data"), "index": index_manifest.get("data")},
+    }
+    save_stats(out_dir, tensors, manifest)
+    return lam, k

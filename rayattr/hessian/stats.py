@@ -1,0 +1,100 @@
+"""Per-module accumulators of curvature statistics; partial sums that add up.
+
+Every accumulator keeps float64 sums and counts per module and never holds
+per-example rows, so a worker's memory is independent of how much data it
+sees, and the sums of several workers merge by plain addition (``merge``) into
+exactly what one worker would have computed.
+
+- second moment: ``sum_n p_n p_n^T`` of each module's (normalized, projected) rows
+- K-FAC: ``A = sum_t a_t a_t^T``, ``S = sum_t g_t g_t^T`` over valid tokens
+- EK-FAC: ``sum_n ((Q_S^T G_n Q_A)[o, i])^2`` given fitted eigenbases
+- normalizer fits: ``sum_n G_n^2`` (Adam) reduced to row/column means (Adafactor)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from rayattr.config import RayattrError
+from rayattr.grads.collector import ModuleLayout
+from rayattr.hessian.factors import ekfac_lambda
+
+Method = Literal["second-moment", "kfac", "ekfac", "normalizer"]
+METHODS: tuple[str, ...] = ("second-moment", "kfac", "ekfac", "normalizer")
+Sums = dict[str, dict[str, torch.Tensor]]
+
+
+def merge(left: Sums, right: Sums) -> Sums:
+    """Elementwise sum of two partial results over the same modules.
+
+    A worker that saw no data has no keys yet for a module; its side counts as zero.
+    """
+    if set(left) != set(right):
+        raise RayattrError(f"cannot merge statistics of different modules: {sorted(set(left) ^ set(right))[:4]}")
+    merged: Sums = {}
+    for name in left:
+        keys = left[name].keys() | right[name].keys()
+        merged[name] = {k: left[name][k] + right[name][k] if k in left[name] and k in right[name]
+                        else (left[name].get(k) if k in left[name] else right[name][k]).clone() for k in keys}
+    return merged
+
+
+class RowAccumulator:
+    """Statistics computed from finished gradient rows (one per document).
+
+    ``second-moment`` works on any projection; ``ekfac`` and ``normalizer``
+    need full gradients (``projection_dim=0``) to form ``G_n`` per module.
+    """
+
+    def __init__(self, method: Method, layouts: list[ModuleLayout], eigenbases: Sums | None = None) -> None:
+        if method in ("ekfac", "normalizer") and any(l.p_out != l.out_features or l.p_in != l.in_features for l in layouts):
+            raise RayattrError(f"--method {method} needs full gradients: use --projection-dim 0")
+        if method == "ekfac" and eigenbases is None:
+            raise RayattrError("EK-FAC needs the K-FAC eigenbases of a first pass")
+        self.method = method
+        self.layouts = layouts
+        self.eigenbases = eigenbases
+        self.sums: Sums = {layout.name: {} for layout in layouts}
+
+    def update(self, grads: torch.Tensor) -> None:
+        """Add ``[rows, D]`` gradient rows (already normalized/projected by the collector)."""
+        for layout in self.layouts:
+            x = grads[:, layout.offset : layout.offset + layout.width].double()
+            if self.method == "second-moment":
+                self._add(layout.name, xx=x.T @ x)
+            elif self.method == "ekfac":
+                bases = self.eigenbases[layout.name]
+                full = x.view(-1, layout.out_features, layout.in_features)
+                self._add(layout.name, lambda_sum=ekfac_lambda(full, bases["q_out"], bases["q_in"]))
+            else:
+                self._add(layout.name, sq=x.square().sum(0).view(layout.out_features, layout.in_features))
+            self._add(layout.name, count=torch.tensor(float(x.shape[0]), dtype=torch.float64))
+
+    def _add(self, name: str, **values: torch.Tensor) -> None:
+        slot = self.sums[name]
+        for key, value in values.items():
+            slot[key] = slot[key] + value if key in slot else value.clone()
+
+
+class TokenAccumulator:
+    """K-FAC factors from the collector's per-token tap: ``A = sum a a^T``, ``S = sum g g^T``."""
+
+    def __init__(self, layouts: list[ModuleLayout]) -> None:
+        self.sums: Sums = {
+            layout.name: {
+                "A": torch.zeros(layout.in_features, layout.in_features, dtype=torch.float64),
+                "S": torch.zeros(layout.out_features, layout.out_features, dtype=torch.float64),
+                "tokens": torch.zeros((), dtype=torch.float64),
+            }
+            for layout in layouts
+        }
+
+    def __call__(self, name: str, acts: torch.Tensor, grads: torch.Tensor) -> None:
+        """The collector calls this with the valid tokens' ``a [n, I]`` and ``g [n, O]``."""
+        slot = self.sums[name]
+        a, g = acts.double(), grads.double()
+        slot["A"] += (a.T @ a).cpu()
+        slot["S"] += (g.T @ g).cpu()
+        slot["tokens"] += a.shape[0]

@@ -1,0 +1,154 @@
+"""Statistics passes on Ray: StatsWorker actors accumulate, Ray tasks reduce and decompose.
+
+The token stream is split between the actors with ``streaming_split``; each
+actor keeps one model replica and float64 partial sums, and returns only those
+sums. EK-FAC runs a second pass over the same actors with the K-FAC eigenbases
+broadcast through the object store.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import ray
+import torch
+
+from rayattr.config import RayattrError, RunSpec, stable_hash, to_dict
+from rayattr.data import Shard, TokenizedDocs
+from rayattr.grads.engine import engine_for
+from rayattr.grads.normalizer import Normalizer, NormalizerKind
+from rayattr.hessian.factors import save_stats
+from rayattr.hessian.stats import METHODS, RowAccumulator, Sums, TokenAccumulator
+from rayattr.ray.pipeline import WorkerResources, prepare, shard_items, token_stream
+from rayattr.ray.reduce import eigh_all, tree_reduce
+from rayattr.store import TableMeta
+
+DOCS_PER_STEP = 256
+
+
+@ray.remote
+class StatsWorker:
+    """A model replica that turns a stream of tokenized docs into partial sums."""
+
+    def __init__(self, spec: RunSpec, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.engine, self.meta = engine_for(spec)
+
+    @ray.method(num_returns=2)
+    def consume(self, stream, method: str, eigenbases: Sums | None = None) -> tuple[Sums, TableMeta]:
+        if method == "kfac":
+            accumulator = TokenAccumulator(self.engine.layouts)
+            self.engine.collector.tap = accumulator
+        else:
+            accumulator = RowAccumulator(method, self.engine.layouts, eigenbases)
+        try:
+            for batch in stream.iter_batches(batch_size=DOCS_PER_STEP, batch_format="pyarrow"):
+                rows = self.engine.rows(TokenizedDocs.from_arrow(batch))
+                if method != "kfac":
+                    accumulator.update(torch.from_numpy(rows.grads))
+        finally:
+            self.engine.collector.tap = None
+        return accumulator.sums, self.meta
+
+
+@dataclass
+class FitSummary:
+    method: str
+    examples: int
+    tokens: int
+    seconds: float
+    modules: dict[str, dict[str, float]] = field(default_factory=dict)  # per module: top eigenvalue, condition
+
+
+def _pass(spec: RunSpec, shards: list[Shard], actors: list, method: str, eigenbases: Sums | None = None) -> tuple[Sums, TableMeta]:
+    """One streaming pass over the data, split between the actors, reduced in a tree."""
+    splits = token_stream(spec, shard_items(shards)).streaming_split(len(actors), equal=False)
+    bases_ref = ray.put(eigenbases) if eigenbases is not None else None
+    sums_refs, meta_refs = zip(*(actor.consume.remote(split, method, bases_ref) for actor, split in zip(actors, splits)))
+    metas = ray.get(list(meta_refs))
+    if any(m != metas[0] for m in metas):
+        raise RayattrError("workers loaded different models or settings; make every node load the same checkpoint")
+    return ray.get(tree_reduce(list(sums_refs))), metas[0]
+
+
+def fit(out_dir: str, spec: RunSpec, method: str, *, workers: int = 1, ray_address: str | None = None,
+        normalizer_kind: NormalizerKind = "adafactor") -> FitSummary:
+    """Fit ``method`` statistics of ``spec.data`` and save them under ``out_dir``.
+
+    second-moment: ``H = E[p p^T]`` per module with its eigendecomposition;
+    kfac: ``A``, ``S`` and their eigenbases; ekfac: K-FAC plus the corrected
+    eigenvalues ``Lambda``; normalizer: an Adam/Adafactor normalizer fitted from data.
+    """
+    if method not in METHODS:
+        raise RayattrError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    start = time.perf_counter()
+    shards = prepare(spec, ray_address)
+    resources = WorkerResources.plan(workers)
+    actors = [StatsWorker.options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus).remote(spec, resources.threads)
+              for _ in range(workers)]
+    if method == "normalizer":
+        sums, meta = _pass(spec, shards, actors, "normalizer")
+        normalizer = fitted_normalizer(sums, normalizer_kind, source=f"fitted on {spec.data.dataset} [{spec.data.split}]")
+        normalizer.save(out_dir)
+        count = int(next(iter(sums.values()))["count"])
+        return FitSummary(method, count, 0, time.perf_counter() - start)
+    sums, meta = _pass(spec, shards, actors, "kfac" if method in ("kfac", "ekfac") else "second-moment")
+    tensors, summary = (_finish_second_moment if method == "second-moment" else _finish_kfac)(sums)
+    if method == "ekfac":
+        bases = {name: {"q_out": t["q_out"], "q_in": t["q_in"]} for name, t in tensors.items()}
+        corrections, _ = _pass(spec, shards, actors, "ekfac", bases)
+        for name, sums_m in corrections.items():
+            tensors[name]["lambda"] = sums_m["lambda_sum"] / sums_m["count"]
+            summary["examples"] = int(sums_m["count"])
+    save_stats(out_dir, tensors, stats_manifest(method, meta, summary))
+    return FitSummary(method, summary["examples"], summary["tokens"], time.perf_counter() - start, summary["modules"])
+
+
+def stats_manifest(method: str, meta: TableMeta, summary: dict) -> dict:
+    """What a statistics directory records: method, counts and the fingerprints it must match."""
+    identity = {"model": meta.model, "modules": meta.modules, "projection": meta.projection, "normalizer": meta.normalizer}
+    return {"method": method, **identity, "fingerprint": stable_hash(identity | {"method": method}),
+            "examples": summary["examples"], "tokens": summary["tokens"], "data": meta.data, "spec_version": 1}
+
+
+def _finish_second_moment(sums: Sums) -> tuple[dict, dict]:
+    matrices = {name: s["xx"] / s["count"] for name, s in sums.items()}
+    eigens = eigh_all(matrices)
+    tensors = {name: {"second_moment": matrices[name], "eigenvalues": eigens[name].values,
+                      "eigenvectors": eigens[name].vectors} for name in sums}
+    count = int(next(iter(sums.values()))["count"])
+    return tensors, {"examples": count, "tokens": 0, "modules": _spectrum_summary({n: e.values for n, e in eigens.items()})}
+
+
+def _finish_kfac(sums: Sums) -> tuple[dict, dict]:
+    matrices = {}
+    for name, s in sums.items():
+        matrices[f"{name}|A"] = s["A"] / s["tokens"]
+        matrices[f"{name}|S"] = s["S"] / s["tokens"]
+    eigens = eigh_all(matrices)
+    tensors = {
+        name: {"A": matrices[f"{name}|A"], "S": matrices[f"{name}|S"],
+               "q_in": eigens[f"{name}|A"].vectors, "a_values": eigens[f"{name}|A"].values,
+               "q_out": eigens[f"{name}|S"].vectors, "s_values": eigens[f"{name}|S"].values}
+        for name in sums
+    }
+    tokens = int(next(iter(sums.values()))["tokens"])
+    grid = {name: torch.outer(t["s_values"], t["a_values"]).flatten() for name, t in tensors.items()}
+    return tensors, {"examples": 0, "tokens": tokens, "modules": _spectrum_summary(grid)}
+
+
+def _spectrum_summary(values: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    out = {}
+    for name, v in values.items():
+        top, positive = float(v.max()), v[v > 0]
+        out[name] = {"top_eigenvalue": top, "condition": top / float(positive.min()) if positive.numel() else float("inf")}
+    return out
+
+
+def fitted_normalizer(sums: Sums, kind: NormalizerKind, source: str) -> Normalizer:
+    """Mean squared per-example gradients (Adam), or their row/column means (Adafactor)."""
+    moments = {name: {"v": (s["sq"] / s["count"]).float()} for name, s in sums.items()}
+    normalizer = Normalizer("adam", moments, source)
+    return normalizer.to_adafactor() if kind == "adafactor" else normalizer
+
