@@ -184,3 +184,22 @@ def test_fitted_normalizer_is_mean_squared_gradient(ray_session, tmp_path, spec,
         full = rows[:, layout.offset : layout.offset + layout.width].view(-1, layout.out_features, layout.in_features)
         assert _rel(fitted.moments[layout.name]["v"], (full**2).mean(0)) <= 1e-5
     engine.close()
+
+
+def test_projected_kfac_factors_are_projections_of_full_ones(offline_fixture, fixture_tokenizer, docs):
+    full_engine = _engine(offline_fixture, fixture_tokenizer, projection_dim=0)
+    full = TokenAccumulator(full_engine.layouts)
+    full_engine.collector.tap = full
+    full_engine.rows(docs)
+    projected_engine = _engine(offline_fixture, fixture_tokenizer, projection_dim=4)
+    projected = TokenAccumulator(projected_engine.layouts)
+    projected_engine.collector.tap = projected
+    projected_engine.rows(docs)
+    for layout in projected_engine.layouts:
+        left, right = (m.double() for m in projected_engine.collector.projections[layout.name])
+        sums, reference = projected.sums[layout.name], full.sums[layout.name]
+        assert sums["A"].shape == (4, 4)
+        assert _rel(sums["A"], right @ reference["A"] @ right.T) <= 1e-5
+        assert _rel(sums["S"], left @ reference["S"] @ left.T) <= 1e-5
+    full_engine.close()
+    projected_engine.close()

@@ -146,8 +146,9 @@ class GradientCollector:
             modules[layout.name].register_forward_hook(partial(self._on_forward, layout)) for layout in self.layouts
         ]
         self._handles.append(model.get_input_embeddings().register_forward_hook(_require_grad))
-        # Optional per-token observer ``tap(module, a[n, I], g[n, O])`` of the valid
-        # tokens' (normalized, unprojected) activations and output gradients: K-FAC uses it.
+        # Optional per-token observer ``tap(module, a[n, p_in], g[n, p_out])`` of the valid
+        # tokens' normalized and projected activations and output gradients: K-FAC uses it.
+        # Projected factors are exact: with a' = R a and g' = L g, E[a'a'^T] = R A R^T.
         self.tap: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None
         self._acts: dict[str, torch.Tensor] = {}
         self._out: torch.Tensor | None = None
@@ -223,13 +224,11 @@ class GradientCollector:
             return
         if isinstance(scale, tuple):
             grad = grad * scale[0]
-        if self.tap is not None:
-            if projection is not None:
-                raise RayattrError("per-token factors (K-FAC) need full activations: use --projection-dim 0")
-            valid = self._valid.squeeze(-1)
-            self.tap(layout.name, acts[valid], grad[valid])
         if projection is not None:
             grad = grad @ projection.left.T
+        if self.tap is not None:
+            valid = self._valid.squeeze(-1)
+            self.tap(layout.name, acts[valid], grad[valid])
         target.copy_(self._outer(grad, acts).flatten(1))
 
     def _outer(self, grad: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:

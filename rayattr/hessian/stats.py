@@ -44,13 +44,14 @@ def merge(left: Sums, right: Sums) -> Sums:
 class RowAccumulator:
     """Statistics computed from finished gradient rows (one per document).
 
-    ``second-moment`` works on any projection; ``ekfac`` and ``normalizer``
-    need full gradients (``projection_dim=0``) to form ``G_n`` per module.
+    ``second-moment`` and ``ekfac`` work on any projection (a projected row is
+    the ``[p_out, p_in]`` matrix ``L G R^T``, whose K-FAC factors are the
+    projected ones); ``normalizer`` needs full gradients (``projection_dim=0``).
     """
 
     def __init__(self, method: Method, layouts: list[ModuleLayout], eigenbases: Sums | None = None) -> None:
-        if method in ("ekfac", "normalizer") and any(l.p_out != l.out_features or l.p_in != l.in_features for l in layouts):
-            raise RayattrError(f"--method {method} needs full gradients: use --projection-dim 0")
+        if method == "normalizer" and any(l.p_out != l.out_features or l.p_in != l.in_features for l in layouts):
+            raise RayattrError("fitting a normalizer needs full gradients: use --projection-dim 0")
         if method == "ekfac" and eigenbases is None:
             raise RayattrError("EK-FAC needs the K-FAC eigenbases of a first pass")
         self.method = method
@@ -66,7 +67,7 @@ class RowAccumulator:
                 self._add(layout.name, xx=x.T @ x)
             elif self.method == "ekfac":
                 bases = self.eigenbases[layout.name]
-                full = x.view(-1, layout.out_features, layout.in_features)
+                full = x.view(-1, layout.p_out, layout.p_in)
                 self._add(layout.name, lambda_sum=ekfac_lambda(full, bases["q_out"], bases["q_in"]))
             else:
                 self._add(layout.name, sq=x.square().sum(0).view(layout.out_features, layout.in_features))
@@ -84,15 +85,15 @@ class TokenAccumulator:
     def __init__(self, layouts: list[ModuleLayout]) -> None:
         self.sums: Sums = {
             layout.name: {
-                "A": torch.zeros(layout.in_features, layout.in_features, dtype=torch.float64),
-                "S": torch.zeros(layout.out_features, layout.out_features, dtype=torch.float64),
+                "A": torch.zeros(layout.p_in, layout.p_in, dtype=torch.float64),
+                "S": torch.zeros(layout.p_out, layout.p_out, dtype=torch.float64),
                 "tokens": torch.zeros((), dtype=torch.float64),
             }
             for layout in layouts
         }
 
     def __call__(self, name: str, acts: torch.Tensor, grads: torch.Tensor) -> None:
-        """The collector calls this with the valid tokens' ``a [n, I]`` and ``g [n, O]``."""
+        """The collector calls this with the valid tokens' ``a [n, p_in]`` and ``g [n, p_out]``."""
         slot = self.sums[name]
         a, g = acts.double(), grads.double()
         slot["A"] += (a.T @ a).cpu()
