@@ -160,8 +160,12 @@ class GradientCollector:
             handle.remove()
         self._handles.clear()
 
-    def collect(self, batch: TokenBatch) -> CollectedBatch:
-        """Per-example gradients of the summed causal-LM loss of ``batch``."""
+    def collect(self, batch: TokenBatch, emit_rows: bool = True) -> CollectedBatch:
+        """Per-example gradients of the summed causal-LM loss of ``batch``.
+
+        ``emit_rows=False`` runs the hooks for the ``tap`` alone and returns no
+        rows: K-FAC needs per-token factors, not per-example gradients.
+        """
         valid = batch.attention_mask
         rows = batch.input_ids.shape[0]
         row_example = torch.arange(rows, device=valid.device)
@@ -177,7 +181,7 @@ class GradientCollector:
             row_token_pos = doc_pos[row_example, token_index]
             rows = row_example.numel()
         self._valid = valid.unsqueeze(-1)
-        self._out = torch.zeros(rows, self.dim, device=valid.device, dtype=torch.float32)
+        self._out = torch.zeros(rows, self.dim if emit_rows else 0, device=valid.device, dtype=torch.float32)
         try:
             logits = self.model(
                 input_ids=batch.input_ids,
@@ -229,7 +233,8 @@ class GradientCollector:
         if self.tap is not None:
             valid = self._valid.squeeze(-1)
             self.tap(layout.name, acts[valid], grad[valid])
-        target.copy_(self._outer(grad, acts).flatten(1))
+        if target.shape[1]:
+            target.copy_(self._outer(grad, acts).flatten(1))
 
     def _outer(self, grad: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
         """Per-row ``sum_t g_t a_t^T``: ``[B, O, I]`` per document, ``[tokens, O, I]`` per token."""

@@ -123,6 +123,14 @@ class GradientEngine:
             parts.append((index, out.grads, out.loss, out.row_example, out.row_token_pos))
         return self._assemble(docs, lengths, parts, skipped=docs.ids[~has_target])
 
+    def observe(self, docs: TokenizedDocs) -> None:
+        """Run forward+backward over ``docs`` for the collector's tap only (no rows)."""
+        lengths = np.array([len(t) for t in docs.tokens], dtype=np.int64)
+        kept = np.flatnonzero(lengths > np.maximum(docs.label_start, 1))
+        for batch_index in token_budget_batches(lengths[kept], self.spec.token_batch_size):
+            self.collector.collect(collate(docs, kept[batch_index], self.pad_token_id, self.padding_side).to(self.device),
+                                   emit_rows=False)
+
     def _assemble(self, docs: TokenizedDocs, lengths: np.ndarray, parts: list, skipped: np.ndarray) -> GradientRows:
         """Concatenate batch outputs and restore input order (docs, then tokens)."""
         dtype = _NUMPY_DTYPES[self.spec.dtype]

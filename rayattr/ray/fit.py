@@ -8,13 +8,14 @@ broadcast through the object store.
 
 from __future__ import annotations
 
+import resource
 import time
 from dataclasses import dataclass, field
 
 import ray
 import torch
 
-from rayattr.config import RayattrError, RunSpec, stable_hash, to_dict
+from rayattr.config import RayattrError, RunSpec, stable_hash
 from rayattr.data import Shard, TokenizedDocs
 from rayattr.grads.engine import engine_for
 from rayattr.grads.normalizer import Normalizer, NormalizerKind
@@ -34,6 +35,7 @@ class StatsWorker:
     def __init__(self, spec: RunSpec, threads: int) -> None:
         torch.set_num_threads(threads)
         self.engine, self.meta = engine_for(spec)
+        self.busy_seconds = 0.0
 
     @ray.method(num_returns=2)
     def consume(self, stream, method: str, eigenbases: Sums | None = None) -> tuple[Sums, TableMeta]:
@@ -44,12 +46,20 @@ class StatsWorker:
             accumulator = RowAccumulator(method, self.engine.layouts, eigenbases)
         try:
             for batch in stream.iter_batches(batch_size=DOCS_PER_STEP, batch_format="pyarrow"):
-                rows = self.engine.rows(TokenizedDocs.from_arrow(batch))
-                if method != "kfac":
-                    accumulator.update(torch.from_numpy(rows.grads))
+                docs = TokenizedDocs.from_arrow(batch)
+                started = time.perf_counter()
+                if method == "kfac":
+                    self.engine.observe(docs)
+                else:
+                    accumulator.update(torch.from_numpy(self.engine.rows(docs).grads))
+                self.busy_seconds += time.perf_counter() - started
         finally:
             self.engine.collector.tap = None
         return accumulator.sums, self.meta
+
+    def report(self) -> tuple[float, float]:
+        """``(seconds spent computing, peak RSS in MB)`` of this actor, for the fit summary."""
+        return self.busy_seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @dataclass
@@ -59,6 +69,8 @@ class FitSummary:
     tokens: int
     seconds: float
     modules: dict[str, dict[str, float]] = field(default_factory=dict)  # per module: top eigenvalue, condition
+    worker_compute_seconds: float = 0.0  # the busiest actor's time in forward/backward/accumulation
+    worker_peak_rss_mb: float = 0.0
 
 
 def _pass(spec: RunSpec, shards: list[Shard], actors: list, method: str, eigenbases: Sums | None = None) -> tuple[Sums, TableMeta]:
@@ -92,7 +104,7 @@ def fit(out_dir: str, spec: RunSpec, method: str, *, workers: int = 1, ray_addre
         normalizer = fitted_normalizer(sums, normalizer_kind, source=f"fitted on {spec.data.dataset} [{spec.data.split}]")
         normalizer.save(out_dir)
         count = int(next(iter(sums.values()))["count"])
-        return FitSummary(method, count, 0, time.perf_counter() - start)
+        return FitSummary(method, count, 0, time.perf_counter() - start, {}, *_report(actors))
     sums, meta = _pass(spec, shards, actors, "kfac" if method in ("kfac", "ekfac") else "second-moment")
     tensors, summary = (_finish_second_moment if method == "second-moment" else _finish_kfac)(sums)
     if method == "ekfac":
@@ -102,7 +114,13 @@ def fit(out_dir: str, spec: RunSpec, method: str, *, workers: int = 1, ray_addre
             tensors[name]["lambda"] = sums_m["lambda_sum"] / sums_m["count"]
             summary["examples"] = int(sums_m["count"])
     save_stats(out_dir, tensors, stats_manifest(method, meta, summary))
-    return FitSummary(method, summary["examples"], summary["tokens"], time.perf_counter() - start, summary["modules"])
+    return FitSummary(method, summary["examples"], summary["tokens"], time.perf_counter() - start, summary["modules"],
+                      *_report(actors))
+
+
+def _report(actors: list) -> tuple[float, float]:
+    reports = ray.get([actor.report.remote() for actor in actors])
+    return max(busy for busy, _ in reports), max(rss for _, rss in reports)
 
 
 def stats_manifest(method: str, meta: TableMeta, summary: dict) -> dict:
