@@ -207,10 +207,10 @@ def hessian(
     out = str(Path(run_path) / "stats")
     with console.status(f"fitting {method.value}"):
         summary = fit(out, spec, method.value, workers=workers, ray_address=ray_address)
-    table = Table("module", "top eigenvalue", "condition number", title=(
+    table = Table("module", "gradient shape", "top eigenvalue", "condition number", title=(
         f"{method.value} -> {out}: {summary.examples:,} examples, {summary.tokens:,} tokens, {summary.seconds:.1f} s"))
     for name, row in summary.modules.items():
-        table.add_row(name, f"{row['top_eigenvalue']:.4g}", f"{row['condition']:.3g}")
+        table.add_row(name, row["shape"], f"{row['top_eigenvalue']:.4g}", f"{row['condition']:.3g}")
     Console().print(table)
 
 

@@ -68,7 +68,7 @@ class FitSummary:
     examples: int
     tokens: int
     seconds: float
-    modules: dict[str, dict[str, float]] = field(default_factory=dict)  # per module: top eigenvalue, condition
+    modules: dict[str, dict] = field(default_factory=dict)  # per module: shape, top eigenvalue, condition
     worker_compute_seconds: float = 0.0  # the busiest actor's time in forward/backward/accumulation
     worker_peak_rss_mb: float = 0.0
 
@@ -113,6 +113,8 @@ def fit(out_dir: str, spec: RunSpec, method: str, *, workers: int = 1, ray_addre
         for name, sums_m in corrections.items():
             tensors[name]["lambda"] = sums_m["lambda_sum"] / sums_m["count"]
             summary["examples"] = int(sums_m["count"])
+    for module in meta.modules:
+        summary["modules"][module["name"]]["shape"] = f"{module['p_out']}x{module['p_in']}"
     save_stats(out_dir, tensors, stats_manifest(method, meta, summary))
     return FitSummary(method, summary["examples"], summary["tokens"], time.perf_counter() - start, summary["modules"],
                       *_report(actors))
