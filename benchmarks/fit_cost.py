@@ -20,44 +20,35 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM
 
+from common import TOKEN_BATCH_SIZE, forward_backward, tokenized_corpus
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
-from rayattr.data import TokenizedDocs, token_budget_batches
+from rayattr.data import token_budget_batches
 from rayattr.fixtures import default_cache_dir, make_fixture
-from rayattr.grads.collector import per_example_loss
-from rayattr.grads.engine import collate
 from rayattr.model import load_tokenizer
 from rayattr.ray.fit import fit
 from rayattr.ray.pipeline import ensure_ray
 
-TOKEN_BATCH_SIZE = 2048
 CASES = [("second-moment", 16), ("kfac", 0), ("kfac", 16), ("ekfac", 0), ("ekfac", 16), ("normalizer", 0)]
 
 
 def plain_forward_backward_seconds(fixture, docs: int) -> tuple[float, int]:
-    """One forward+backward (weights too) over the same docs and token batches, in process."""
-    tokenizer = load_tokenizer(str(fixture.neox))
-    texts = pq.read_table(fixture.train, columns=["text"]).column("text").to_pylist()[:docs]
-    tokens = [np.array(t) for t in tokenizer(texts)["input_ids"]]
-    corpus = TokenizedDocs(np.arange(len(tokens)), tokens, np.ones(len(tokens), np.int64))
+    """Best of 3 in-process forward+backward passes (weights too) over the same docs and batches."""
+    corpus = tokenized_corpus(fixture, docs)
     model = AutoModelForCausalLM.from_pretrained(fixture.neox)
-    batches = token_budget_batches(np.array([len(t) for t in tokens]), TOKEN_BATCH_SIZE)
+    lengths = np.array([len(t) for t in corpus.tokens])
+    batches = token_budget_batches(lengths, TOKEN_BATCH_SIZE)
+    pad_id = load_tokenizer(str(fixture.neox)).pad_token_id
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
-        for index in batches:
-            batch = collate(corpus, index, tokenizer.pad_token_id)
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(),
-                           position_ids=batch.position_ids).logits
-            per_example_loss(logits, batch.input_ids, batch.label_mask).sum().backward()
-            model.zero_grad(set_to_none=True)
+        forward_backward(model, corpus, batches, pad_id, weights=True)
         best = min(best, time.perf_counter() - start)
-    return best, sum(len(t) for t in tokens)
+    return best, int(lengths.sum())
 
 
 def main() -> None:

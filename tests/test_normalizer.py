@@ -42,6 +42,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
+def _assert_rows_match(engine: GradientEngine, rows: torch.Tensor, explicit: dict[str, torch.Tensor]) -> None:
+    """Each module's rows equal its explicit normalized gradient, projected like the engine does."""
+    for layout in engine.layouts:
+        expected = explicit[layout.name]
+        if layout.name in engine.collector.projections:
+            left, right = engine.collector.projections[layout.name]
+            expected = left.double() @ expected @ right.double().T
+        got = rows[:, layout.offset : layout.offset + layout.width].double()
+        assert _rel(got, expected.flatten(1)) <= 1e-5, layout.name
+
+
 def _random_adafactor(engine: GradientEngine, seed: int = 0) -> Normalizer:
     g = torch.Generator().manual_seed(seed)
     return Normalizer("adafactor", {
@@ -56,16 +67,12 @@ def test_adafactor_factored_path_equals_explicit_formula(load_fixture_model, fix
     full, plain = _full_grads(model, docs, fixture_tokenizer.pad_token_id)
     normalizer = _random_adafactor(plain)
     engine = GradientEngine(model, GradSpec(projection_dim=projection_dim), fixture_tokenizer.pad_token_id, normalizer=normalizer)
-    rows = torch.from_numpy(engine.rows(docs).grads)
+    explicit = {}
     for layout in engine.layouts:
         m = normalizer.moments[layout.name]
         r, c = m["row"].double() + ADAFACTOR_EPS, m["col"].double() + ADAFACTOR_EPS
-        explicit = full[layout.name].double() / torch.sqrt(torch.outer(r, c) / r.mean())
-        if projection_dim:
-            left, right = engine.collector.projections[layout.name]
-            explicit = left.double() @ explicit @ right.double().T
-        got = rows[:, layout.offset : layout.offset + layout.width].double()
-        assert _rel(got, explicit.flatten(1)) <= 1e-5, layout.name
+        explicit[layout.name] = full[layout.name].double() / torch.sqrt(torch.outer(r, c) / r.mean())
+    _assert_rows_match(engine, torch.from_numpy(engine.rows(docs).grads), explicit)
     engine.close()
 
 
@@ -82,16 +89,12 @@ def test_adam_from_saved_adamw_state_matches_direct_computation(trained, fixture
     direct_v = {name[: -len(".weight")]: state["state"][i]["exp_avg_sq"] for i, name in zip(order, names) if name.endswith(".weight")}
     full, _ = _full_grads(model, docs, fixture_tokenizer.pad_token_id)
     engine = GradientEngine(model, GradSpec(projection_dim=projection_dim), fixture_tokenizer.pad_token_id, normalizer=normalizer)
-    rows = torch.from_numpy(engine.rows(docs).grads)
+    explicit = {}
     for layout in engine.layouts:
         v = direct_v[layout.name]
         torch.testing.assert_close(normalizer.moments[layout.name]["v"], v, rtol=0, atol=0)
-        explicit = full[layout.name].double() / (v.double().sqrt() + ADAM_EPS)
-        if projection_dim:
-            left, right = engine.collector.projections[layout.name]
-            explicit = left.double() @ explicit @ right.double().T
-        got = rows[:, layout.offset : layout.offset + layout.width].double()
-        assert _rel(got, explicit.flatten(1)) <= 1e-5, layout.name
+        explicit[layout.name] = full[layout.name].double() / (v.double().sqrt() + ADAM_EPS)
+    _assert_rows_match(engine, torch.from_numpy(engine.rows(docs).grads), explicit)
     engine.close()
 
 
