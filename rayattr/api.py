@@ -8,10 +8,17 @@ from rayattr.config import RunSpec
 from rayattr.data import TokenizedDocs, plan_shards, read_shard, tokenize
 from rayattr.grads.engine import GradientRows, engine_for
 from rayattr.model import load_tokenizer, max_positions
+from rayattr.ray.fit import fit as fit_hessian
 from rayattr.ray.pipeline import BuildProgress, build
+from rayattr.ray.score import ScoreSettings, read_topk, reduce, score
+from rayattr.search import Attributor, Index
 from rayattr.store import GRADIENTS, GradientTable, TableMeta
+from rayattr.trackstar import TrackstarSpec, trackstar
 
-__all__ = ["BuildProgress", "build_index", "collect_in_process", "open_index"]
+__all__ = [
+    "Attributor", "BuildProgress", "Index", "ScoreSettings", "TrackstarSpec", "build_index", "collect_in_process",
+    "fit_hessian", "open_index", "read_topk", "reduce", "score", "trackstar",
+]
 
 build_index = build
 

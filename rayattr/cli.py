@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import inspect
+import typing
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -14,26 +17,29 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from rayattr import config
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec
+from rayattr.score import AGGREGATIONS, SCORE_MODES
 
 app = typer.Typer(help="Gradient-based training-data attribution on Ray.", no_args_is_help=True, add_completion=False)
 console = Console(stderr=True)
 
 
-class Precision(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
+def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A CLI choice type over ``values`` (members named like the values, ``-`` as ``_``)."""
+    return Enum(name, {value.replace("-", "_"): value for value in values}, type=str)
 
 
-class ProjectionKind(str, Enum):
-    rademacher = "rademacher"
-    normal = "normal"
-
-
-class VectorDtype(str, Enum):
-    float16 = "float16"
-    float32 = "float32"
+# Choice types, from the same tuples the library validates against.
+Precision = _choices("Precision", typing.get_args(config.Precision))
+ProjectionKind = _choices("ProjectionKind", typing.get_args(config.ProjectionType))
+VectorDtype = _choices("VectorDtype", typing.get_args(config.VectorDtype))
+NormalizerKind = _choices("NormalizerKind", ("adafactor", "adam"))
+TrackstarNormalizer = _choices("TrackstarNormalizer", ("adafactor", "adam", "none"))
+Method = _choices("Method", ("second-moment", "kfac", "ekfac"))
+AggregationKind = _choices("AggregationKind", AGGREGATIONS)
+ScoreKind = _choices("ScoreKind", SCORE_MODES)
+AnnMetric = _choices("AnnMetric", ("cosine", "dot"))
 
 
 def _user_errors(command: Callable) -> Callable:
@@ -70,17 +76,6 @@ def fixture(
     Console().print(table)
 
 
-class NormalizerKind(str, Enum):
-    adafactor = "adafactor"
-    adam = "adam"
-
-
-class Method(str, Enum):
-    second_moment = "second-moment"
-    kfac = "kfac"
-    ekfac = "ekfac"
-
-
 # Options shared by every command that streams a dataset through the model.
 RunPathArg = Annotated[str, typer.Argument(help="Run directory / LanceDB database (local path or URI)")]
 ModelOpt = Annotated[str, typer.Option(help="Local model directory or hub name")]
@@ -105,8 +100,9 @@ RayAddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster address 
 
 
 def _run_spec(
-    model: str, dataset: str, split: str, subset: str | None, text_column: str, prompt_column: str | None,
-    completion_column: str | None, max_length: int | None, truncation: bool, precision: Precision, **grads,
+    model: str, dataset: str, split: str = "train", subset: str | None = None, text_column: str = "text",
+    prompt_column: str | None = None, completion_column: str | None = None, max_length: int | None = None,
+    truncation: bool = False, precision: Precision = Precision.fp32, **grads,
 ) -> RunSpec:
     """The RunSpec every streaming command builds from its shared options."""
     grads["modules"] = tuple(grads.get("modules") or ("*",))
@@ -124,59 +120,7 @@ def _run_spec(
     )
 
 
-@app.command()
-@_user_errors
-def normalizer(
-    out: Annotated[Path, typer.Argument(help="Directory to write the normalizer into")],
-    model: ModelOpt,
-    optimizer_state: Annotated[Optional[Path], typer.Option(help="optimizer.pt of an HF Trainer checkpoint (AdamW or Adafactor)")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="Fit the moments from this dataset instead of an optimizer state")] = None,
-    kind: Annotated[NormalizerKind, typer.Option(help="adafactor (row/col moments) or adam (elementwise)")] = NormalizerKind.adafactor,
-    split: SplitOpt = "train",
-    subset: SubsetOpt = None,
-    text_column: TextColumnOpt = "text",
-    prompt_column: PromptColumnOpt = None,
-    completion_column: CompletionColumnOpt = None,
-    max_length: MaxLengthOpt = None,
-    truncation: TruncationOpt = False,
-    modules: ModulesOpt = None,
-    exclude_modules: ExcludeOpt = None,
-    token_batch_size: TokenBatchOpt = 2048,
-    precision: PrecisionOpt = Precision.fp32,
-    workers: WorkersOpt = 1,
-    ray_address: RayAddressOpt = None,
-) -> None:
-    """Make a normalizer for `build --normalizer`: from an optimizer state, or fitted as mean squared gradients."""
-    from rayattr.grads.normalizer import Normalizer, from_optimizer_state
-    from rayattr.model import load_model
-    from rayattr.ray.fit import fit
-
-    if (optimizer_state is None) == (dataset is None):
-        raise RayattrError("pass exactly one of --optimizer-state PATH or --dataset D")
-    if optimizer_state is not None:
-        made = from_optimizer_state(optimizer_state, load_model(ModelSpec(model=model, device="cpu")), kind=kind.value)
-        made.save(out)
-    else:
-        spec = _run_spec(model, dataset, split, subset, text_column, prompt_column, completion_column, max_length,
-                         truncation, precision, projection_dim=0, modules=modules, exclude_modules=exclude_modules,
-                         token_batch_size=token_batch_size)
-        with console.status("fitting normalizer"):
-            fit(str(out), spec, "normalizer", workers=workers, ray_address=ray_address, normalizer_kind=kind.value)
-        made = Normalizer.load(out)
-    table = Table("module", "moments", title=f"{made.kind} normalizer {out} (fingerprint {made.fingerprint})")
-    for name, moments in made.moments.items():
-        table.add_row(name, ", ".join(f"{k}{list(v.shape)}" for k, v in moments.items()))
-    Console().print(table)
-
-
-@app.command()
-@_user_errors
-def hessian(
-    run_path: RunPathArg,
-    model: ModelOpt,
-    dataset: DatasetOpt,
-    method: Annotated[Method, typer.Option(help="second-moment (any projection), kfac or ekfac (--projection-dim 0)")] = Method.second_moment,
-    sample_size: Annotated[Optional[int], typer.Option(help="Use the first N rows of the split")] = None,
+def _stream_options(
     split: SplitOpt = "train",
     subset: SubsetOpt = None,
     text_column: TextColumnOpt = "text",
@@ -192,18 +136,87 @@ def hessian(
     token_batch_size: TokenBatchOpt = 2048,
     precision: PrecisionOpt = Precision.fp32,
     normalizer: NormalizerOpt = None,
+) -> None:
+    """The options of every command that streams a dataset through the model (a template: never called)."""
+
+
+def streams_dataset(*without: str) -> Callable[[Callable], Callable]:
+    """Append the shared data and gradient options (minus ``without``) to a command's CLI.
+
+    The command receives them as one ``options`` dict. Typer reads a
+    command's signature, so the wrapper advertises the command's own
+    parameters followed by those of ``_stream_options``.
+    """
+
+    def decorate(command: Callable) -> Callable:
+        shared = [p for name, p in inspect.signature(_stream_options, eval_str=True).parameters.items() if name not in without]
+        own = [p for name, p in inspect.signature(command, eval_str=True).parameters.items() if name != "options"]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            options = {p.name: kwargs.pop(p.name) for p in shared}
+            return command(**kwargs, options=options)
+
+        wrapper.__signature__ = inspect.Signature(own + shared)
+        wrapper.__annotations__ = {p.name: p.annotation for p in own + shared}
+        return wrapper
+
+    return decorate
+
+
+@app.command()
+@_user_errors
+@streams_dataset("projection_dim", "projection_type", "seed", "normalizer")
+def normalizer(
+    out: Annotated[Path, typer.Argument(help="Directory to write the normalizer into")],
+    model: ModelOpt,
+    optimizer_state: Annotated[Optional[Path], typer.Option(help="optimizer.pt of an HF Trainer checkpoint (AdamW or Adafactor)")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Fit the moments from this dataset instead of an optimizer state")] = None,
+    kind: Annotated[NormalizerKind, typer.Option(help="adafactor (row/col moments) or adam (elementwise)")] = NormalizerKind.adafactor,
     workers: WorkersOpt = 1,
     ray_address: RayAddressOpt = None,
+    options: dict | None = None,
 ) -> None:
-    """Fit curvature statistics (second moment, K-FAC, EK-FAC) into RUN_PATH/stats."""
+    """Make a normalizer for `build --normalizer`: from an optimizer state, or fitted as mean squared gradients."""
+    from rayattr.grads.normalizer import Normalizer, from_optimizer_state
+    from rayattr.model import load_model
     from rayattr.ray.fit import fit
 
-    if sample_size is not None:
-        split = sample_split(split, sample_size)
-    spec = _run_spec(model, dataset, split, subset, text_column, prompt_column, completion_column, max_length,
-                     truncation, precision, projection_dim=projection_dim, projection_type=projection_type, seed=seed,
-                     modules=modules, exclude_modules=exclude_modules, token_batch_size=token_batch_size,
-                     normalizer=normalizer)
+    if (optimizer_state is None) == (dataset is None):
+        raise RayattrError("pass exactly one of --optimizer-state PATH or --dataset D")
+    if optimizer_state is not None:
+        made = from_optimizer_state(optimizer_state, load_model(ModelSpec(model=model, device="cpu")), kind=kind.value)
+        made.save(out)
+    else:
+        spec = _run_spec(model, dataset, **options, projection_dim=0)
+        with console.status("fitting normalizer"):
+            fit(str(out), spec, "normalizer", workers=workers, ray_address=ray_address, normalizer_kind=kind.value)
+        made = Normalizer.load(out)
+    table = Table("module", "moments", title=f"{made.kind} normalizer {out} (fingerprint {made.fingerprint})")
+    for name, moments in made.moments.items():
+        table.add_row(name, ", ".join(f"{k}{list(v.shape)}" for k, v in moments.items()))
+    Console().print(table)
+
+
+@app.command()
+@_user_errors
+@streams_dataset()
+def hessian(
+    run_path: RunPathArg,
+    model: ModelOpt,
+    dataset: DatasetOpt,
+    method: Annotated[Method, typer.Option(help="second-moment (any projection), kfac or ekfac (--projection-dim 0)")] = Method.second_moment,
+    sample_size: Annotated[Optional[int], typer.Option(help="Use the first N rows of the split")] = None,
+    workers: WorkersOpt = 1,
+    ray_address: RayAddressOpt = None,
+    options: dict | None = None,
+) -> None:
+    """Fit curvature statistics (second moment, K-FAC, EK-FAC) into RUN_PATH/stats."""
+    from rayattr.data import sample_split
+    from rayattr.ray.fit import fit
+
+    options["split"] = sample_split(options["split"], sample_size)
+    spec = _run_spec(model, dataset, **options)
     out = str(Path(run_path) / "stats")
     with console.status(f"fitting {method.value}"):
         summary = fit(out, spec, method.value, workers=workers, ray_address=ray_address)
@@ -229,60 +242,174 @@ def mix(
     Console().print(f"mixed -> {out}: lambda = {lam:.4f} (pooled eigen-rank k = {k})")
 
 
-def sample_split(split: str, sample_size: int) -> str:
-    """``train`` + N -> ``train[:N]``; an already sliced split keeps its start."""
-    from rayattr.data import parse_split
+UnitNormalizeOpt = Annotated[bool, typer.Option(help="Cosine: unit-normalize query and index rows (after H^-1/2)")]
+HessianPathOpt = Annotated[Optional[str], typer.Option(help="Statistics directory (`rayattr hessian`/`mix`) to precondition with")]
+TopKOpt = Annotated[int, typer.Option(help="Training rows kept per query in the topk table")]
+QueryBatchOpt = Annotated[int, typer.Option(help="Queries multiplied at once (bounds the score block in memory)")]
+PerTokenScoresOpt = Annotated[bool, typer.Option(help="Also write a score per training token (token_scores table)")]
+KeepGradientsOpt = Annotated[bool, typer.Option(help="Also store the training gradients computed on the fly (gradients table)")]
 
-    name, start, stop = parse_split(split)
-    stop = start + sample_size if stop is None else min(stop, start + sample_size)
-    return f"{name}[{start}:{stop}]"
 
-
-@app.command()
+@app.command("reduce")
 @_user_errors
-def build(
+@streams_dataset()
+def reduce_command(
     run_path: RunPathArg,
     model: ModelOpt,
     dataset: DatasetOpt,
+    aggregation: Annotated[AggregationKind, typer.Option(help="mean or sum to one vector; none keeps every query")] = AggregationKind.mean,
+    unit_normalize: UnitNormalizeOpt = False,
+    hessian_path: HessianPathOpt = None,
+    workers: WorkersOpt = 1,
+    ray_address: RayAddressOpt = None,
+    options: dict | None = None,
+) -> None:
+    """Query vectors: collect, precondition (H^-1, or H^-1/2 with --unit-normalize), normalize, aggregate."""
+    from rayattr.ray.score import reduce
+
+    spec = _run_spec(model, dataset, **options)
+    with _progress_bar("reduce") as show:
+        result = reduce(run_path, spec, aggregation=aggregation.value, unit_normalize=unit_normalize,
+                        hessian=hessian_path, workers=workers, ray_address=ray_address, on_progress=show)
+    _print_progress(f"reduce {run_path} ({aggregation.value})", result)
+
+
+@app.command("score")
+@_user_errors
+@streams_dataset()
+def score_command(
+    run_path: RunPathArg,
+    query_path: Annotated[str, typer.Option(help="Run path of `rayattr reduce` (its gradients table are the queries)")],
+    model: Annotated[Optional[str], typer.Option(help="Score on the fly: local model directory or hub name")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Score on the fly: the training dataset")] = None,
+    index_path: Annotated[Optional[str], typer.Option(help="Score a `rayattr build` table instead of recomputing")] = None,
+    unit_normalize: UnitNormalizeOpt = False,
+    hessian_path: HessianPathOpt = None,
+    score: Annotated[ScoreKind, typer.Option(help="A score per query, their mean, or the nearest query's")] = ScoreKind.individual,
+    top_k: TopKOpt = 50,
+    query_batch_size: QueryBatchOpt = 1024,
+    per_token: PerTokenScoresOpt = False,
+    keep_gradients: KeepGradientsOpt = False,
+    workers: WorkersOpt = 1,
+    ray_address: RayAddressOpt = None,
+    options: dict | None = None,
+) -> None:
+    """Score a training set against query vectors into `scores` and `topk` tables; reruns resume."""
+    from rayattr.ray.score import ScoreSettings, score as run_score
+
+    if index_path is None and (model is None or dataset is None):
+        raise RayattrError("pass --model and --dataset to score on the fly, or --index-path to score a built table")
+    spec = _run_spec(model, dataset, **options) if index_path is None else None
+    settings = ScoreSettings(score.value, unit_normalize, hessian_path, per_token, top_k, query_batch_size, keep_gradients)
+    with _progress_bar("score") as show:
+        result = run_score(run_path, query_path, settings, spec=spec, index_path=index_path, workers=workers,
+                           ray_address=ray_address, on_progress=show)
+    _print_progress(f"score {run_path}", result.progress)
+    _print_topk(result.topk, result.query_ids)
+
+
+def _print_topk(top, query_ids, queries: int = 5, ranks: int = 5) -> None:
+    table = Table("query", *[f"#{r}" for r in range(1, ranks + 1)], title="top training ids (score)")
+    for qid, ids, scores in list(zip(query_ids, top.ids, top.scores))[:queries]:
+        table.add_row(str(qid), *[f"{i} ({s:.3f})" for i, s in zip(ids[:ranks], scores[:ranks])])
+    Console().print(table)
+
+
+@app.command("trackstar")
+@_user_errors
+def trackstar_command(
+    run_path: RunPathArg,
+    model: ModelOpt,
+    dataset: Annotated[str, typer.Option(help="Training dataset to attribute to")],
+    query_dataset: Annotated[str, typer.Option(help="Dataset of queries (the outputs to explain)")],
     split: SplitOpt = "train",
-    subset: SubsetOpt = None,
+    query_split: Annotated[str, typer.Option(help="Split of the query dataset")] = "train",
     text_column: TextColumnOpt = "text",
-    prompt_column: PromptColumnOpt = None,
-    completion_column: CompletionColumnOpt = None,
+    query_text_column: Annotated[str, typer.Option(help="Text column of the query dataset")] = "text",
+    query_prompt_column: Annotated[Optional[str], typer.Option(help="Prompt column of the query dataset")] = None,
+    query_completion_column: Annotated[Optional[str], typer.Option(help="Completion column of the query dataset")] = None,
     max_length: MaxLengthOpt = None,
     truncation: TruncationOpt = False,
     projection_dim: ProjectionDimOpt = 16,
-    projection_type: ProjectionTypeOpt = ProjectionKind.rademacher,
     seed: SeedOpt = 0,
     modules: ModulesOpt = None,
     exclude_modules: ExcludeOpt = None,
     token_batch_size: TokenBatchOpt = 2048,
-    workers: WorkersOpt = 1,
     precision: PrecisionOpt = Precision.fp32,
-    dtype: Annotated[VectorDtype, typer.Option(help="Stored vector dtype")] = VectorDtype.float32,
-    per_token: Annotated[bool, typer.Option(help="One row per token instead of per document")] = False,
-    normalizer: NormalizerOpt = None,
+    optimizer_state: Annotated[Optional[str], typer.Option(help="optimizer.pt for the normalizer (else fitted from data)")] = None,
+    normalizer: Annotated[TrackstarNormalizer, typer.Option(help="Normalizer kind, or none")] = TrackstarNormalizer.adafactor,
+    stats_sample_size: Annotated[Optional[int], typer.Option(help="First N training rows for the index statistics")] = 10_000,
+    target_downweight_components: Annotated[int, typer.Option(help="Eigen-rank at which query and index spectra cross")] = 1000,
+    mix: Annotated[bool, typer.Option(help="Mix query and index second moments (--no-mix: index only)")] = True,
+    top_k: TopKOpt = 50,
+    query_batch_size: QueryBatchOpt = 1024,
+    per_token: PerTokenScoresOpt = False,
+    keep_gradients: KeepGradientsOpt = False,
+    workers: WorkersOpt = 1,
+    resume: Annotated[bool, typer.Option(help="Continue a run in RUN_PATH, skipping completed steps")] = False,
     ray_address: RayAddressOpt = None,
 ) -> None:
-    """Collect per-example (projected) gradients of a dataset into a LanceDB table; reruns resume."""
-    from rayattr.ray.pipeline import build as run_build
+    """TrackStar end to end: normalizer, mixed second moments, H^-1/2 cosine scoring, top-k."""
+    from rayattr.trackstar import TrackstarSpec
 
-    spec = _run_spec(model, dataset, split, subset, text_column, prompt_column, completion_column, max_length,
-                     truncation, precision, projection_dim=projection_dim, projection_type=projection_type, seed=seed,
-                     modules=modules, exclude_modules=exclude_modules, token_batch_size=token_batch_size,
-                     dtype=dtype, per_token=per_token, normalizer=normalizer)
+    base = _run_spec(model, dataset, split, text_column=text_column, max_length=max_length, truncation=truncation,
+                     precision=precision, projection_dim=projection_dim, seed=seed, modules=modules,
+                     exclude_modules=exclude_modules, token_batch_size=token_batch_size)
+    query = DataSpec(query_dataset, split=query_split, text_column=query_text_column, prompt_column=query_prompt_column,
+                     completion_column=query_completion_column, max_length=max_length, truncation=truncation)
+    spec = TrackstarSpec(run_path, base.model, base.data, query, base.grads, normalizer.value, optimizer_state,
+                         stats_sample_size, target_downweight_components, mix, top_k, query_batch_size, per_token,
+                         keep_gradients, workers)
+    _run_trackstar(spec, resume, ray_address)
+
+
+@app.command("run")
+@_user_errors
+def run_command(
+    config: Annotated[Path, typer.Argument(help="A run's saved config (RUN_PATH/trackstar.yaml)")],
+    resume: Annotated[bool, typer.Option(help="Continue the run in its RUN_PATH, skipping completed steps")] = False,
+    ray_address: RayAddressOpt = None,
+) -> None:
+    """Replay a saved run configuration."""
+    from rayattr.trackstar import TrackstarSpec
+
+    _run_trackstar(TrackstarSpec.load(config), resume, ray_address)
+
+
+def _run_trackstar(spec, resume: bool, ray_address: str | None) -> None:
+    from rayattr.ray.score import read_topk
+    from rayattr.trackstar import trackstar
+
+    def show(step) -> None:
+        state = "skipped (done)" if step.skipped else f"done in {step.seconds:.1f} s"
+        console.print(f"[bold]{step.name}[/]: {state} {escape(str(step.detail))}", highlight=False)
+
+    with console.status("trackstar"):
+        trackstar(spec, resume=resume, ray_address=ray_address, on_step=show)
+    top, query_ids = read_topk(spec.run_path)
+    _print_topk(top, query_ids)
+    Console().print(f"results in {spec.run_path}: tables scores, topk (config {spec.run_path}/trackstar.yaml)")
+
+
+@contextlib.contextmanager
+def _progress_bar(label: str) -> Iterator[Callable]:
+    """A transient rich bar over documents; yields the ``on_progress`` callback the API takes."""
     with Progress(
-        TextColumn("[bold]build"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(), console=console, transient=True,
     ) as bar:
-        task = bar.add_task("build", total=None, rate="")
+        task = bar.add_task(label, total=None, rate="")
 
         def show(progress) -> None:
             bar.update(task, total=progress.total_docs, completed=progress.docs,
                        rate=f"{progress.tokens_per_second:,.0f} tok/s")
 
-        result = run_build(run_path, spec, workers=workers, ray_address=ray_address, on_progress=show)
-    summary = Table("", "value", title=f"build {run_path}")
+        yield show
+
+
+def _print_progress(title: str, result) -> None:
+    """The summary table of a streaming pass (build, reduce, score)."""
+    summary = Table("", "value", title=title)
     first = "-" if result.first_row_seconds is None else f"{result.first_row_seconds:.1f} s"
     for key, value in [
         ("documents processed", f"{result.docs:,}"), ("rows written", f"{result.written:,}"),
@@ -292,3 +419,107 @@ def build(
     ]:
         summary.add_row(key, value)
     Console().print(summary)
+
+
+@app.command()
+@_user_errors
+@streams_dataset()
+def build(
+    run_path: RunPathArg,
+    model: ModelOpt,
+    dataset: DatasetOpt,
+    workers: WorkersOpt = 1,
+    dtype: Annotated[VectorDtype, typer.Option(help="Stored vector dtype")] = VectorDtype.float32,
+    per_token: Annotated[bool, typer.Option(help="One row per token instead of per document")] = False,
+    ray_address: RayAddressOpt = None,
+    options: dict | None = None,
+) -> None:
+    """Collect per-example (projected) gradients of a dataset into a LanceDB table; reruns resume."""
+    from rayattr.ray.pipeline import build as run_build
+
+    spec = _run_spec(model, dataset, **options, dtype=dtype, per_token=per_token)
+    with _progress_bar("build") as show:
+        result = run_build(run_path, spec, workers=workers, ray_address=ray_address, on_progress=show)
+    _print_progress(f"build {run_path}", result)
+
+
+@app.command("index")
+@_user_errors
+def index_command(
+    run_path: RunPathArg,
+    ann: Annotated[bool, typer.Option(help="Build an IVF-PQ index on the gradients for `rayattr query --ann`")] = False,
+    metric: Annotated[AnnMetric, typer.Option(help="cosine (for --unit-norm queries) or dot (inner product)")] = AnnMetric.cosine,
+    num_partitions: Annotated[int | None, typer.Option(help="IVF partitions (default sqrt(rows), at most rows/256)")] = None,
+    num_sub_vectors: Annotated[int | None, typer.Option(help="PQ sub-vectors; must divide the dimension (default dim/4)")] = None,
+) -> None:
+    """Show what a gradient table offers for search; --ann builds an approximate-search index on it."""
+    from rayattr.search import Index, ann_metric, build_ann_index
+
+    rows = []
+    if ann:
+        with console.status("building IVF-PQ index"):
+            built = build_ann_index(run_path, metric.value, num_partitions, num_sub_vectors)
+        rows = [("IVF partitions", f"{built.num_partitions:,}"), ("PQ sub-vectors", f"{built.num_sub_vectors:,}")]
+    index = Index.open(run_path)
+    summary = Table("", "value", title=f"index {run_path}")
+    for key, value in [
+        ("rows", f"{index.table.count():,}"), ("dimensions", f"{index.meta.dim:,}"), ("model", index.meta.model["name"]),
+        ("ANN index metric", ann_metric(index.table) or "none (exact search only)"), *rows,
+    ]:
+        summary.add_row(key, value)
+    Console().print(summary)
+
+
+def _cut(text: str, width: int = 120) -> str:
+    """A text shortened to ``width`` characters for a table cell."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@app.command("query")
+@_user_errors
+def query_command(
+    run_path: RunPathArg,
+    text: Annotated[list[str] | None, typer.Option(help="Query text, loss on every token (repeatable)")] = None,
+    query_dataset: Annotated[str | None, typer.Option(help="Dataset of queries (same forms as --dataset)")] = None,
+    split: SplitOpt = "train",
+    subset: SubsetOpt = None,
+    text_column: TextColumnOpt = "text",
+    prompt_column: PromptColumnOpt = None,
+    completion_column: CompletionColumnOpt = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="Training rows to show per query")] = 10,
+    unit_norm: Annotated[bool, typer.Option("--unit-norm", help="Rank by cosine instead of inner product")] = False,
+    hessian: Annotated[str | None, typer.Option(help="Statistics directory: H^-1 on the query (H^-1/2 both sides with --unit-norm)")] = None,
+    ann: Annotated[bool, typer.Option(help="Approximate search with the index from `rayattr index --ann`")] = False,
+    nprobes: Annotated[int, typer.Option(help="IVF partitions searched (--ann)")] = 20,
+    refine_factor: Annotated[int, typer.Option(help="Candidates re-ranked exactly, as a multiple of k (--ann)")] = 10,
+    model: Annotated[str | None, typer.Option(help="Load the index's model from here instead of its recorded path")] = None,
+) -> None:
+    """Rank the training documents of an index for query texts by gradient similarity."""
+    from rayattr.config import from_dict
+    from rayattr.data import read_rows, row_texts
+    from rayattr.search import Index, dataset_gradients, query_gradients
+
+    if bool(text) == bool(query_dataset):
+        raise RayattrError("pass query text with --text \"...\" (repeatable) or a query dataset with --query-dataset D, not both")
+    index = Index.open(run_path)
+    with console.status("computing query gradients"):
+        if text:
+            labels, queries = text, query_gradients(index.meta, text, model)
+        else:
+            data = DataSpec(dataset=query_dataset, split=split, subset=subset, text_column=text_column,
+                            prompt_column=prompt_column, completion_column=completion_column,
+                            max_length=index.meta.data.get("max_length"), truncation=index.meta.data.get("truncation", False))
+            ids, queries = dataset_gradients(index.meta, data, model)
+            labels = row_texts(read_rows(data, ids), data)
+    with console.status("searching"):
+        found = index.search(queries, k, unit_normalize=unit_norm, hessian=hessian, ann=ann, nprobes=nprobes,
+                             refine_factor=refine_factor)
+    train = from_dict(DataSpec, index.meta.data)
+    hits = read_rows(train, found.ids[found.ids >= 0])
+    texts = dict(zip(hits.column("id").to_pylist(), row_texts(hits, train)))
+    for label, ids, scores in zip(labels, found.ids, found.scores):
+        table = Table("rank", "score", "id", "training text", title=f"query: {escape(_cut(label))}", title_justify="left")
+        for rank, (row_id, score) in enumerate(zip(ids.tolist(), scores.tolist()), start=1):
+            if row_id >= 0:
+                table.add_row(str(rank), f"{score:.4g}", str(row_id), escape(_cut(texts[row_id])))
+        Console().print(table)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -121,20 +122,16 @@ def to_dict(spec: Any) -> dict[str, Any]:
 
 
 def from_dict(cls: type, payload: dict[str, Any]) -> Any:
-    """Rebuild a spec from its dict form, rejecting unknown keys by name."""
+    """Rebuild a spec from its dict form (nested specs too), rejecting unknown keys by name."""
+    if not isinstance(payload, dict):
+        raise RayattrError(f"{cls.__name__} must be a mapping of fields, got {type(payload).__name__}")
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(payload) - set(known))
     if unknown:
         raise RayattrError(f"unknown {cls.__name__} field(s) {unknown}; known fields are {sorted(known)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in payload.items():
-        nested = _NESTED.get((cls, name))
-        kwargs[name] = from_dict(nested, value) if nested and isinstance(value, dict) else value
+        nested = hints.get(name)
+        kwargs[name] = from_dict(nested, value) if dataclasses.is_dataclass(nested) and isinstance(value, dict) else value
     return cls(**kwargs)
-
-
-_NESTED: dict[tuple[type, str], type] = {
-    (RunSpec, "model"): ModelSpec,
-    (RunSpec, "data"): DataSpec,
-    (RunSpec, "grads"): GradSpec,
-}

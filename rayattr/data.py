@@ -172,14 +172,15 @@ def _clip(shard: Shard, start: int, stop: int) -> Shard | None:
     return Shard(lo, hi - lo, shard.path, shard.row_group, shard.offset + lo - shard.first_id)
 
 
-def read_shard(spec: DataSpec, shard: Shard, batch_rows: int = SHARD_ROWS) -> Iterator[pa.Table]:
-    """Stream a shard's rows (the columns the spec reads, plus ``id``) in batches.
+def read_shard(spec: DataSpec, shard: Shard, batch_rows: int = SHARD_ROWS,
+               columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """Stream a shard's rows (``columns``, by default those the spec reads, plus ``id``) in batches.
 
     A shard inside a large parquet row group is reached by decoding the group's
     earlier rows; with ``batch_rows == SHARD_ROWS`` that is whole-batch skips.
     """
     split_name = parse_split(spec.split)[0]
-    columns = spec.columns
+    columns = columns or spec.columns
     if shard.path:
         fs, _ = _filesystem(spec.dataset)
         reader = pq.ParquetFile(shard.path, filesystem=fs)
@@ -259,3 +260,44 @@ def token_budget_batches(lengths: np.ndarray, token_batch_size: int) -> list[np.
         batches.append(order[start : start + size])
         start += size
     return batches
+
+
+def read_rows(data: DataSpec, ids: np.ndarray, columns: list[str] | None = None) -> pa.Table:
+    """The rows of dataset ``ids`` (``id`` plus ``columns``, default the spec's), in the order asked.
+
+    Only the shards holding some of the ids are read, each from its first to
+    its last wanted row, so showing the training text of a few search hits
+    does not scan the dataset.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    wanted = np.unique(ids)
+    pieces = []
+    for shard in plan_shards(data):
+        inside = wanted[(wanted >= shard.first_id) & (wanted < shard.first_id + shard.num_rows)]
+        if inside.size:
+            narrowed = _clip(shard, int(inside[0]), int(inside[-1]) + 1)
+            for table in read_shard(data, narrowed, columns=columns):
+                pieces.append(table.filter(pa.array(np.isin(table.column("id").to_numpy(), inside))))
+    found = pa.concat_tables(pieces).sort_by("id") if pieces else pa.table({"id": pa.array([], pa.int64())})
+    found_ids = found.column("id").to_numpy()
+    missing = np.setdiff1d(wanted, found_ids)
+    if missing.size:
+        raise RayattrError(
+            f"dataset {data.dataset!r} split {data.split!r} has no row id(s) {missing[:5].tolist()}; "
+            "the dataset changed since the index was built: point to the data it was built from"
+        )
+    return found.take(np.searchsorted(found_ids, ids))
+
+
+def row_texts(table: pa.Table, spec: DataSpec) -> list[str]:
+    """Each row's document as the model reads it (prompt and completion joined), for display."""
+    return ["".join(parts) for parts in zip(*(_texts(table, column) for column in spec.columns))]
+
+
+def sample_split(split: str, sample_size: int | None) -> str:
+    """``train`` + N -> ``train[:N]`` (the first N rows); a sliced split keeps its start; None keeps all."""
+    if sample_size is None:
+        return split
+    name, start, stop = parse_split(split)
+    stop = start + sample_size if stop is None else min(stop, start + sample_size)
+    return f"{name}[{start}:{stop}]"

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -708,3 +709,25 @@ def train_fixture_model(fixture: Fixture, *, steps: int = TRAIN_STEPS, seed: int
             f"delete it to retrain with steps={steps}, seed={seed}"
         )
     return final
+
+
+def fact_tracing_quality(fixture: Fixture, query_ids: np.ndarray, ranked: np.ndarray, k: int = 10) -> dict[str, float]:
+    """Recall@k and MRR of the ground-truth supporting documents in a ranking.
+
+    ``query_ids`` are row ids of the fixture's query table and ``ranked[q]``
+    the training ids ranked for query ``q``, best first. Recall@k is the
+    fraction of a query's supporting documents in its top ``k``; MRR uses the
+    first supporting document's rank (0 when none is ranked). Both are means
+    over queries; ``random_recall`` is what a random ranking would get.
+    """
+    truth = json.loads(fixture.ground_truth.read_text())
+    names = pq.read_table(fixture.queries, columns=["query_id"]).column("query_id").to_pylist()
+    num_docs = pq.read_metadata(fixture.train).num_rows
+    recalls, reciprocal = [], []
+    for qid, row in zip(query_ids, ranked):
+        support = set(truth[names[int(qid)]])
+        recalls.append(len(support.intersection(row[:k].tolist())) / len(support))
+        hits = [rank for rank, doc in enumerate(row.tolist(), start=1) if doc in support]
+        reciprocal.append(1.0 / hits[0] if hits else 0.0)
+    return {"recall_at_k": float(np.mean(recalls)), "mrr": float(np.mean(reciprocal)), "k": k,
+            "queries": len(recalls), "random_recall": k / num_docs}

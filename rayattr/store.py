@@ -11,7 +11,7 @@ compare vectors from different subspaces.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,11 +22,16 @@ from rayattr import __version__
 from rayattr.config import RayattrError
 
 GRADIENTS = "gradients"
+SCORES = "scores"
+TOKEN_SCORES = "token_scores"
+TOPK = "topk"
 FORMAT_VERSION = 1
 META_KEY = b"rayattr"
 _ARROW_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 # Fields that decide the space gradient vectors live in; they must agree to compare two tables.
 COMPATIBILITY_FIELDS = ("model", "modules", "projection", "normalizer")
+# Fields that decide the shape and storage of the vectors.
+VECTOR_FIELDS = ("dtype", "dim")
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,9 @@ class TableMeta:
     preconditioner: str | None = None
     unit_normalized: bool = False
     data: dict[str, Any] = field(default_factory=dict)
+    # How to recompute such vectors (model and gradient specs, paths included);
+    # informational, never compared: paths differ between machines.
+    source: dict[str, Any] = field(default_factory=dict)
     kind: str = GRADIENTS
     format_version: int = FORMAT_VERSION
     rayattr_version: str = __version__
@@ -97,53 +105,70 @@ def table_exists(uri: str, name: str) -> bool:
     return name in connect(uri).list_tables().tables
 
 
-class GradientTable:
-    """A LanceDB table of gradient rows plus the metadata that explains them."""
+class RowTable:
+    """A LanceDB table of rows keyed by dataset id (and token position in per-token tables).
 
-    def __init__(self, table, meta: TableMeta, uri: str) -> None:
+    Appends are single commits; reads stream in record batches, so nothing
+    here holds a whole table in memory.
+    """
+
+    def __init__(self, table, uri: str, schema: pa.Schema, per_token: bool) -> None:
         self.table = table
-        self.meta = meta
         self.uri = uri
+        self.schema = schema
+        self.per_token = per_token
 
     @classmethod
-    def create(cls, uri: str, meta: TableMeta, name: str = GRADIENTS) -> GradientTable:
-        """Create the table, or open it for resuming when it holds the same kind of rows."""
-        if table_exists(uri, name):
+    def _create_or_resume(cls, uri: str, name: str, meta: Any, schema: pa.Schema,
+                          conflicts: Callable[[Any], list[str]]) -> Any:
+        """Create ``name``, or reopen it to resume when ``conflicts(existing)`` is empty.
+
+        Reopening also covers losing a creation race to another worker.
+        """
+
+        def reopen():
             existing = cls.open(uri, name)
-            differing = existing.meta.mismatches(meta, COMPATIBILITY_FIELDS + ("dtype", "per_token", "data", "dim"))
+            differing = conflicts(existing)
             if differing:
                 raise RayattrError(
-                    f"table {name!r} in {uri} was built with other settings ({', '.join(differing)}); "
-                    "use a new RUN_PATH, or rerun with the settings it was built with to resume"
+                    f"table {name!r} in {uri} was made with other settings ({', '.join(differing)}); "
+                    "use a new RUN_PATH, or rerun with the settings it was made with to resume"
                 )
             return existing
+
+        if table_exists(uri, name):
+            return reopen()
         try:
-            table = connect(uri).create_table(name, schema=gradient_schema(meta))
+            return cls(connect(uri).create_table(name, schema=schema), meta, uri)
         except (ValueError, OSError):
             if not table_exists(uri, name):
                 raise
-            return cls.create(uri, meta, name)  # another worker created it first: verify it instead
-        return cls(table, meta, uri)
+            return reopen()
 
-    @classmethod
-    def open(cls, uri: str, name: str = GRADIENTS) -> GradientTable:
-        """Open an existing table; a missing table or missing metadata is an error."""
+    @staticmethod
+    def _open_lance(uri: str, name: str, hint: str) -> tuple[Any, bytes]:
+        """The LanceDB table and its rayattr metadata; missing table or metadata is an error."""
         try:
             table = connect(uri).open_table(name)
         except (ValueError, FileNotFoundError) as exc:
-            raise RayattrError(f"no table {name!r} in {uri}; run `rayattr build {uri} ...` first") from exc
+            raise RayattrError(f"no table {name!r} in {uri}; {hint}") from exc
         metadata = table.schema.metadata or {}
         if META_KEY not in metadata:
             raise RayattrError(
                 f"table {name!r} in {uri} has no rayattr metadata, so its vectors cannot be interpreted; "
-                "it was not written by rayattr: rebuild it with `rayattr build`"
+                f"it was not written by rayattr: {hint}"
             )
-        return cls(table, TableMeta.from_json(metadata[META_KEY], f"table {name!r} in {uri}"), uri)
+        return table, metadata[META_KEY]
+
+    @property
+    def lance_uri(self) -> str:
+        """URI of the underlying Lance dataset (what ``ray.data.read_lance`` takes)."""
+        return self.table.to_lance().uri
 
     def append(self, rows: pa.Table) -> None:
         """Append rows in one commit (atomic: a killed writer leaves no partial batch)."""
         if rows.num_rows:
-            self.table.add(rows.cast(gradient_schema(self.meta)))
+            self.table.add(rows.cast(self.schema))
 
     def count(self) -> int:
         return self.table.count_rows()
@@ -156,6 +181,62 @@ class GradientTable:
         """Stream the ids present, for resuming without loading the vectors."""
         for batch in self.iter_batches(["id"], batch_size):
             yield batch.column(0).to_numpy()
+
+    def deduplicate(self) -> int:
+        """Keep one copy of every row written more than once; returns the rows removed.
+
+        Appends are at-least-once: a retried block or a killed job's leftover
+        actor can commit a row that another writer also commits. Rows of one
+        id are identical, so the repair is exact. Counting uses one small
+        integer per id (streamed), then rewrites only the duplicated ids; a
+        crash between the delete and the re-append loses those ids, which the
+        next resume recomputes.
+        """
+        counts = np.zeros(0, np.uint32)
+        expected = np.zeros(0, np.uint32)
+        for batch in self.iter_batches(["id", "num_tokens"]):
+            ids = batch.column("id").to_numpy()
+            if ids.size and ids.max() >= counts.size:
+                extra = np.zeros(max(int(ids.max()) + 1, 2 * counts.size) - counts.size, np.uint32)
+                counts, expected = np.concatenate([counts, extra]), np.concatenate([expected, extra])
+            np.add.at(counts, ids, 1)
+            rows_per_id = batch.column("num_tokens").to_numpy() - 1 if self.per_token else 1
+            expected[ids] = rows_per_id
+        duplicated = np.flatnonzero(counts > expected)
+        removed = 0
+        for chunk in np.array_split(duplicated, max(1, duplicated.size // 1000)) if duplicated.size else ():
+            predicate = f"id IN ({','.join(map(str, chunk.tolist()))})"
+            rows = self.table.to_lance().to_table(filter=predicate)
+            key = [rows.column(k).to_numpy() for k in (["id", "token_pos"] if self.per_token else ["id"])]
+            _, first = np.unique(np.stack(key, axis=1), axis=0, return_index=True)
+            self.table.delete(predicate)
+            self.append(rows.take(np.sort(first)))
+            removed += rows.num_rows - first.size
+        return removed
+
+    def optimize(self) -> None:
+        """Compact the fragments that many small appends leave behind."""
+        self.table.optimize()
+
+
+class GradientTable(RowTable):
+    """A LanceDB table of gradient rows plus the metadata that explains them."""
+
+    def __init__(self, table, meta: TableMeta, uri: str) -> None:
+        super().__init__(table, uri, gradient_schema(meta), meta.per_token)
+        self.meta = meta
+
+    @classmethod
+    def create(cls, uri: str, meta: TableMeta, name: str = GRADIENTS) -> GradientTable:
+        """Create the table, or open it for resuming when it holds the same kind of rows."""
+        fields = COMPATIBILITY_FIELDS + VECTOR_FIELDS + ("per_token", "data", "preconditioner", "unit_normalized")
+        return cls._create_or_resume(uri, name, meta, gradient_schema(meta), lambda t: t.meta.mismatches(meta, fields))
+
+    @classmethod
+    def open(cls, uri: str, name: str = GRADIENTS) -> GradientTable:
+        """Open an existing table; a missing table or missing metadata is an error."""
+        table, raw = cls._open_lance(uri, name, f"run `rayattr build {uri} ...` first")
+        return cls(table, TableMeta.from_json(raw, f"table {name!r} in {uri}"), uri)
 
     def read_matrix(self, batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, vectors)`` sorted by id (then token position), filled batch by batch."""
@@ -176,41 +257,50 @@ class GradientTable:
         order = np.lexsort((pos[:row], ids[:row]))
         return ids[order], vectors[order]
 
-    def deduplicate(self) -> int:
-        """Keep one copy of every row written more than once; returns the rows removed.
 
-        Appends are at-least-once: a retried block or a killed job's leftover
-        actor can commit a row that another writer also commits. Rows of one
-        id are identical, so the repair is exact. Counting uses one small
-        integer per id (streamed), then rewrites only the duplicated ids; a
-        crash between the delete and the re-append loses those ids, which the
-        next resume recomputes.
-        """
-        counts = np.zeros(0, np.uint32)
-        expected = np.zeros(0, np.uint32)
-        for batch in self.iter_batches(["id", "num_tokens"]):
-            ids = batch.column("id").to_numpy()
-            if ids.size and ids.max() >= counts.size:
-                extra = np.zeros(max(int(ids.max()) + 1, 2 * counts.size) - counts.size, np.uint32)
-                counts, expected = np.concatenate([counts, extra]), np.concatenate([expected, extra])
-            np.add.at(counts, ids, 1)
-            rows_per_id = batch.column("num_tokens").to_numpy() - 1 if self.meta.per_token else 1
-            expected[ids] = rows_per_id
-        duplicated = np.flatnonzero(counts > expected)
-        removed = 0
-        for chunk in np.array_split(duplicated, max(1, duplicated.size // 1000)) if duplicated.size else ():
-            predicate = f"id IN ({','.join(map(str, chunk.tolist()))})"
-            rows = self.table.to_lance().to_table(filter=predicate)
-            key = [rows.column(k).to_numpy() for k in (["id", "token_pos"] if self.meta.per_token else ["id"])]
-            _, first = np.unique(np.stack(key, axis=1), axis=0, return_index=True)
-            self.table.delete(predicate)
-            self.append(rows.take(np.sort(first)))
-            removed += rows.num_rows - first.size
-        return removed
+@dataclass(frozen=True)
+class ScoreMeta:
+    """What a score table's columns mean: the queries and the scoring settings."""
 
-    def optimize(self) -> None:
-        """Compact the fragments that many small appends leave behind."""
-        self.table.optimize()
+    width: int  # scores per row: one per query, or one in mean/nearest mode
+    per_token: bool
+    query_ids: list[int]
+    settings: dict[str, Any]  # mode, unit_normalize, preconditioner, query table fingerprint...
+    kind: str = SCORES
+    format_version: int = FORMAT_VERSION
+    rayattr_version: str = __version__
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+
+def score_schema(meta: ScoreMeta) -> pa.Schema:
+    fields = [pa.field("id", pa.int64()), pa.field("num_tokens", pa.int32())]
+    if meta.per_token:
+        fields.append(pa.field("token_pos", pa.int32()))
+    fields.append(pa.field("scores", pa.list_(pa.float32(), meta.width)))
+    return pa.schema(fields, metadata={META_KEY: meta.to_json()})
+
+
+class ScoreTable(RowTable):
+    """Scores of every training row against every query: ``id, num_tokens, [token_pos,] scores[width]``."""
+
+    def __init__(self, table, meta: ScoreMeta, uri: str) -> None:
+        super().__init__(table, uri, score_schema(meta), meta.per_token)
+        self.meta = meta
+
+    @classmethod
+    def create(cls, uri: str, meta: ScoreMeta, name: str) -> ScoreTable:
+        """Create the table, or reopen it to resume when it was made with the same settings."""
+        return cls._create_or_resume(uri, name, meta, score_schema(meta),
+                                     lambda t: [] if t.meta == meta else ["queries or scoring settings"])
+
+    @classmethod
+    def open(cls, uri: str, name: str = SCORES) -> ScoreTable:
+        table, raw = cls._open_lance(uri, name, f"run `rayattr score {uri} ...` first")
+        payload = json.loads(raw)
+        payload.pop("format_version", None), payload.pop("rayattr_version", None)
+        return cls(table, ScoreMeta(**payload), uri)
 
 
 def vectors_of(column: pa.Array, dim: int) -> np.ndarray:

@@ -118,3 +118,26 @@ def test_hessian_and_mix_commands(ray_session, tmp_path, offline_fixture):
     assert bad.exit_code == 1 and "disagree on modules, projection" in bad.output
     typo = runner.invoke(app, ["hessian", str(tmp_path / "t"), "--dataset", str(offline_fixture.train), "--method", "kfca", *common])
     assert typo.exit_code != 0 and "kfca" in typo.output
+
+
+def test_reduce_and_score_commands(ray_session, tmp_path, offline_fixture):
+    from rayattr.ray.score import read_topk
+
+    common = ["--model", str(offline_fixture.neox), "--projection-dim", "4"]
+    assert _build(str(tmp_path / "index"), str(offline_fixture.neox), str(offline_fixture.train), "--split", "train[:40]").exit_code == 0
+    reduced = runner.invoke(app, ["reduce", str(tmp_path / "query"), "--dataset", str(offline_fixture.queries), "--split",
+                                  "train[:3]", "--prompt-column", "prompt", "--completion-column", "completion",
+                                  "--aggregation", "none", "--unit-normalize", *common])
+    assert reduced.exit_code == 0, reduced.output
+    scored = runner.invoke(app, ["score", str(tmp_path / "scores"), "--query-path", str(tmp_path / "query"),
+                                 "--index-path", str(tmp_path / "index"), "--unit-normalize", "--top-k", "4"])
+    assert scored.exit_code == 0, scored.output
+    assert "top training ids" in scored.output
+    top, query_ids = read_topk(str(tmp_path / "scores"))
+    np.testing.assert_array_equal(query_ids, [0, 1, 2])
+    assert top.ids.shape == (3, 4) and set(top.ids.ravel()) <= set(range(40))
+    inner = runner.invoke(app, ["score", str(tmp_path / "bad"), "--query-path", str(tmp_path / "query"),
+                                "--index-path", str(tmp_path / "index")])
+    assert inner.exit_code == 1 and "unit-normalized but scoring is by inner product" in " ".join(inner.output.split())
+    neither = runner.invoke(app, ["score", str(tmp_path / "bad"), "--query-path", str(tmp_path / "query")])
+    assert neither.exit_code == 1 and "--index-path" in neither.output

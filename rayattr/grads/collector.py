@@ -125,7 +125,7 @@ class GradientCollector:
         shapes = select_modules(model, spec.modules, spec.exclude_modules)
         self.layouts = plan_layout(shapes, spec.projection_dim)
         self.dim = sum(layout.width for layout in self.layouts)
-        device = next(model.parameters()).device
+        self.device = device = next(model.parameters()).device
         self.normalizer = normalizer
         # Adafactor: (row scale of g, col scale of a); Adam: elementwise 1/(sqrt(v)+eps) on the full G.
         self.scales: dict[str, tuple[torch.Tensor, torch.Tensor] | torch.Tensor] = {}
@@ -154,6 +154,7 @@ class GradientCollector:
         self._out: torch.Tensor | None = None
         self._valid: torch.Tensor | None = None
         self._token_rows: torch.Tensor | None = None
+        self._summed = False  # between begin_sum and end_sum
 
     def close(self) -> None:
         for handle in self._handles:
@@ -196,8 +197,35 @@ class GradientCollector:
                 raise RuntimeError(f"modules ran forward but got no gradient: {missing[:4]}")
             return CollectedBatch(self._out, loss.detach(), row_example, row_token_pos)
         finally:
-            self._acts.clear()
-            self._out = self._valid = self._token_rows = None
+            self._reset()
+
+    def begin_sum(self) -> None:
+        """Sum the gradient of every loss the caller backpropagates from now on into one row.
+
+        For callers that run their own forward and backward (``Attributor.trace``):
+        batch and token dimensions are flattened into one sequence, so the row is
+        the gradient of the caller's whole loss. No padding mask is applied: the
+        caller's loss decides which positions count.
+        """
+        self._summed = True
+        self._out = torch.zeros(1, self.dim, device=self.device, dtype=torch.float32)
+
+    def end_sum(self) -> torch.Tensor:
+        """The ``[D]`` row summed since ``begin_sum``; every forward must have had its backward."""
+        try:
+            if self._acts:
+                raise RayattrError(
+                    f"modules {list(self._acts)[:4]} ran forward but got no gradient; "
+                    "call loss.backward() inside the trace block"
+                )
+            return self._out[0]
+        finally:
+            self._reset()
+
+    def _reset(self) -> None:
+        self._acts.clear()
+        self._out = self._valid = self._token_rows = None
+        self._summed = False
 
     def _on_forward(self, layout: ModuleLayout, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if not output.requires_grad:
@@ -205,6 +233,8 @@ class GradientCollector:
         if layout.name in self._acts:
             raise RayattrError(f"module {layout.name} ran twice in one forward pass; exclude it with --exclude-modules")
         acts = inputs[0].float()
+        if self._summed:
+            acts = acts.reshape(1, -1, acts.shape[-1])
         scale = self.scales.get(layout.name)
         if isinstance(scale, tuple):
             acts = acts * scale[1]
@@ -216,7 +246,8 @@ class GradientCollector:
 
     def _on_backward(self, layout: ModuleLayout, grad: torch.Tensor) -> None:
         acts = self._acts.pop(layout.name)
-        grad = grad.float().masked_fill(~self._valid, 0.0)
+        grad = grad.float()
+        grad = grad.reshape(1, -1, grad.shape[-1]) if self._summed else grad.masked_fill(~self._valid, 0.0)
         scale = self.scales.get(layout.name)
         projection = self.projections.get(layout.name)
         target = self._out[:, layout.offset : layout.offset + layout.width]
@@ -224,7 +255,7 @@ class GradientCollector:
             full = self._outer(grad, acts) * scale
             if projection is not None:
                 full = projection.left @ full @ projection.right.T
-            target.copy_(full.flatten(1))
+            target.add_(full.flatten(1))
             return
         if isinstance(scale, tuple):
             grad = grad * scale[0]
@@ -234,7 +265,7 @@ class GradientCollector:
             valid = self._valid.squeeze(-1)
             self.tap(layout.name, acts[valid], grad[valid])
         if target.shape[1]:
-            target.copy_(self._outer(grad, acts).flatten(1))
+            target.add_(self._outer(grad, acts).flatten(1))
 
     def _outer(self, grad: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
         """Per-row ``sum_t g_t a_t^T``: ``[B, O, I]`` per document, ``[tokens, O, I]`` per token."""

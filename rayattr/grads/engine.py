@@ -13,7 +13,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from rayattr.config import DataSpec, GradSpec, RunSpec, to_dict
+from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec, to_dict
 from rayattr.data import TokenizedDocs, token_budget_batches
 from rayattr.grads.collector import GradientCollector, ModuleLayout, TokenBatch
 from rayattr.grads.normalizer import Normalizer
@@ -91,7 +91,7 @@ class GradientEngine:
     def close(self) -> None:
         self.collector.close()
 
-    def table_meta(self, model_fingerprint: dict[str, str], data: DataSpec) -> TableMeta:
+    def table_meta(self, model_fingerprint: dict[str, str], data: DataSpec, model: ModelSpec | None = None) -> TableMeta:
         """The description every table of this engine's rows carries."""
         return TableMeta(
             model=model_fingerprint,
@@ -107,8 +107,8 @@ class GradientEngine:
             per_token=self.spec.per_token,
             normalizer=self.normalizer.fingerprint if self.normalizer else None,
             data=to_dict(data),
+            source={"model": to_dict(model) if model else None, "grads": to_dict(self.spec)},
         )
-
 
     def rows(self, docs: TokenizedDocs) -> GradientRows:
         """Gradient rows of ``docs`` in input order; docs without a loss token are skipped."""
@@ -172,7 +172,7 @@ def engine_for(spec: RunSpec) -> tuple[GradientEngine, TableMeta]:
     tokenizer = load_tokenizer(spec.model.model, spec.model.revision)
     normalizer = Normalizer.load(spec.grads.normalizer) if spec.grads.normalizer else None
     engine = GradientEngine(model, spec.grads, tokenizer.pad_token_id, normalizer=normalizer)
-    return engine, engine.table_meta(model_fingerprint(model, spec.model), spec.data)
+    return engine, engine.table_meta(model_fingerprint(model, spec.model), spec.data, spec.model)
 
 
 def _to_storage(grads: np.ndarray, dtype: type) -> np.ndarray:

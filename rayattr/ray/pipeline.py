@@ -11,19 +11,21 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+import torch
 
 from rayattr.config import DataSpec, GradSpec, RayattrError, RunSpec
 from rayattr.data import Shard, TokenizedDocs, plan_shards, read_shard, tokenize
 from rayattr.grads.collector import select_modules
 from rayattr.grads.engine import engine_for
 from rayattr.model import load_config, load_tokenizer, max_positions
-from rayattr.store import GRADIENTS, GradientTable, table_exists
+from rayattr.score import QueryPreprocess
+from rayattr.store import GRADIENTS, GradientTable, RowTable, table_exists
 
 DOCS_PER_WRITE = 256
 TOKENIZE_CPUS = 0.5
@@ -82,28 +84,43 @@ def read_and_tokenize(shards: pa.Table, data: DataSpec, tokenizer_name: str, rev
 
 
 class GradientWorker:
-    """Actor holding a model replica: tokenized docs in, rows appended to LanceDB, summary out."""
+    """Actor holding a model replica: tokenized docs in, rows appended to LanceDB, summary out.
 
-    def __init__(self, spec: RunSpec, run_path: str, threads: int) -> None:
-        import torch
+    With ``query`` (``reduce``), rows are preconditioned and unit-normalized
+    before they are written, and the table's metadata says so.
+    """
 
+    def __init__(self, spec: RunSpec, run_path: str, threads: int, table: str = GRADIENTS,
+                 query: QueryPreprocess | None = None) -> None:
         torch.set_num_threads(threads)
         self.engine, meta = engine_for(spec)
+        self.preprocess = None
+        if query is not None:
+            self.preprocess = query.load()
+            if self.preprocess.preconditioner is not None:
+                self.preprocess.preconditioner.check(meta)
+            meta = query.annotate(meta, self.preprocess)
         # Every worker creates-or-verifies the table from its own model, so a
         # node that loaded a different checkpoint fails instead of mixing rows.
-        self.table = GradientTable.create(run_path, meta)
+        self.table = GradientTable.create(run_path, meta, table)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         docs = TokenizedDocs.from_arrow(batch)
         rows = self.engine.rows(docs)
+        if self.preprocess is not None:
+            rows.grads = self.preprocess(torch.from_numpy(rows.grads)).numpy()
         self.table.append(rows.to_arrow())
-        written = np.isin(docs.ids, rows.ids)
-        return pa.table({
-            "id": pa.array(docs.ids, pa.int64()),
-            "num_tokens": batch.column("num_tokens"),
-            "written": pa.array(written),
-            "written_at": pa.array(np.full(len(docs.ids), time.time())),
-        })
+        return summary_rows(docs.ids, batch.column("num_tokens"), np.isin(docs.ids, rows.ids))
+
+
+def summary_rows(ids: np.ndarray, num_tokens: pa.Array, written: np.ndarray) -> pa.Table:
+    """What a worker tells the driver about a batch: which ids it wrote, and when."""
+    return pa.table({
+        "id": pa.array(ids, pa.int64()),
+        "num_tokens": num_tokens,
+        "written": pa.array(written),
+        "written_at": pa.array(np.full(len(ids), time.time())),
+    })
 
 
 def check_modules(model_config, grads: GradSpec) -> None:
@@ -111,7 +128,6 @@ def check_modules(model_config, grads: GradSpec) -> None:
 
     The model is instantiated on the meta device: names and shapes, no weights.
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -157,13 +173,19 @@ class BuildProgress:
     seconds: float = 0.0
     first_row_seconds: float | None = None
     duplicates_removed: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    wall_start: float = field(default_factory=time.time)
+
+    def finish(self) -> None:
+        """Bring ``seconds`` up to now."""
+        self.seconds = time.perf_counter() - self.started
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def _resume_plan(shards: list[Shard], table: GradientTable | None) -> list[dict]:
+def resume_plan(shards: list[Shard], table: RowTable | None) -> list[dict]:
     """Shard items with the ids each already has in the table; complete shards drop out."""
     if table is None:
         return shard_items(shards)
@@ -191,14 +213,15 @@ def build(
     ray_address: str | None = None,
     docs_per_write: int = DOCS_PER_WRITE,
     on_progress: Callable[[BuildProgress], None] | None = None,
+    table: str = GRADIENTS,
+    query: QueryPreprocess | None = None,
 ) -> BuildProgress:
     """Write the gradient table of ``spec.data`` into ``run_path``; resumes an existing one."""
-    start, wall_start = time.perf_counter(), time.time()
+    progress = BuildProgress(total_docs=0)
     shards = prepare(spec, ray_address)
     resources = WorkerResources.plan(workers)
-    table = GradientTable.open(run_path) if table_exists(run_path, GRADIENTS) else None
-    items = _resume_plan(shards, table)
-    progress = BuildProgress(total_docs=sum(s["num_rows"] - len(s["done_ids"]) for s in items))
+    items = resume_plan(shards, GradientTable.open(run_path, table) if table_exists(run_path, table) else None)
+    progress.total_docs = sum(s["num_rows"] - len(s["done_ids"]) for s in items)
     if items:
         dataset = token_stream(spec, items).map_batches(
             GradientWorker,
@@ -207,24 +230,29 @@ def build(
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=resources.num_cpus,
             num_gpus=resources.num_gpus,
-            fn_constructor_kwargs=dict(spec=spec, run_path=run_path, threads=resources.threads),
+            fn_constructor_kwargs=dict(spec=spec, run_path=run_path, threads=resources.threads, table=table, query=query),
         )
-        for summary in _surface_user_errors(dataset.iter_batches(batch_size=None, batch_format="pyarrow")):
-            written = summary.column("written").to_numpy(zero_copy_only=False)
-            progress.docs += summary.num_rows
-            progress.written += int(written.sum())
-            progress.skipped += int((~written).sum())
-            progress.tokens += int(pc.sum(summary.column("num_tokens")).as_py() or 0)
-            progress.seconds = time.perf_counter() - start
-            if progress.first_row_seconds is None and progress.written:
-                progress.first_row_seconds = float(pc.min(summary.column("written_at")).as_py()) - wall_start
-            if on_progress:
-                on_progress(progress)
-        table = GradientTable.open(run_path)
-        progress.duplicates_removed = table.deduplicate()
-        table.optimize()
-    progress.seconds = time.perf_counter() - start
+        drain(dataset, progress, on_progress)
+        written = GradientTable.open(run_path, table)
+        progress.duplicates_removed = written.deduplicate()
+        written.optimize()
+    progress.finish()
     return progress
+
+
+def drain(dataset: ray.data.Dataset, progress: BuildProgress, on_progress: Callable[[BuildProgress], None] | None) -> None:
+    """Run a plan whose workers return summary rows, counting them into ``progress``."""
+    for summary in _surface_user_errors(dataset.iter_batches(batch_size=None, batch_format="pyarrow")):
+        written = summary.column("written").to_numpy(zero_copy_only=False)
+        progress.docs += summary.num_rows
+        progress.written += int(written.sum())
+        progress.skipped += int((~written).sum())
+        progress.tokens += int(pc.sum(summary.column("num_tokens")).as_py() or 0)
+        progress.finish()
+        if progress.first_row_seconds is None and progress.written:
+            progress.first_row_seconds = float(pc.min(summary.column("written_at")).as_py()) - progress.wall_start
+        if on_progress:
+            on_progress(progress)
 
 
 def _surface_user_errors(batches: Iterator[pa.Table]) -> Iterator[pa.Table]:

@@ -1,0 +1,5 @@
+"""``python -m rayattr`` is the ``rayattr`` command."""
+
+from rayattr.cli import app
+
+app()

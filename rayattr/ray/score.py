@@ -1,0 +1,365 @@
+"""Ray plans for the query side (``reduce``) and for scoring (``score``).
+
+``reduce`` is a build whose workers precondition and unit-normalize rows
+before writing them, followed by a streaming aggregation. ``score`` puts the
+query vectors in the object store once and streams the training set through a
+``ScoringWorker`` pool: either tokenized documents (gradients computed on the
+fly, nothing stored but scores) or batches of an existing gradient table.
+Top-k per query is cut per block on the workers and merged on the driver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from rayattr.config import RayattrError, RunSpec, stable_hash
+from rayattr.data import TokenizedDocs
+from rayattr.grads.engine import engine_for
+from rayattr.hessian.precondition import Preconditioner
+from rayattr.ray.pipeline import (
+    BuildProgress, WorkerResources, build, drain, ensure_ray, prepare, resume_plan, summary_rows, token_stream,
+)
+from rayattr.score import Aggregation, Preprocess, QueryPreprocess, Scorer, ScoreMode, aggregate, check_mode
+from rayattr.store import (
+    GRADIENTS, META_KEY, SCORES, TOKEN_SCORES, TOPK, GradientTable, ScoreMeta, ScoreTable, TableMeta, connect,
+    require_compatible, table_exists, vectors_of,
+)
+from rayattr.topk import TopK
+
+EXAMPLES = "examples"  # per-example query rows kept beside their aggregate
+TOPK_BLOCK_ROWS = 65536
+INDEX_ROWS_PER_BATCH = 4096  # scoring a stored table is a matmul: bigger batches than on the fly
+
+
+def reduce(
+    run_path: str, spec: RunSpec, *, aggregation: Aggregation = "mean", unit_normalize: bool = False,
+    hessian: str | None = None, workers: int = 1, ray_address: str | None = None,
+    on_progress: Callable[[BuildProgress], None] | None = None,
+) -> BuildProgress:
+    """Query vectors of ``spec.data`` in ``run_path``'s gradient table.
+
+    Rows are preconditioned (``H^-1``, or ``H^-1/2`` with ``unit_normalize``),
+    unit-normalized, then kept (``none``) or aggregated to one row; the
+    per-example rows of an aggregate stay in the ``examples`` table.
+    """
+    aggregate(torch.zeros(1, 1), aggregation)  # validates the name before any work
+    if spec.grads.per_token:
+        raise RayattrError("query gradients are per document; drop --per-token when reducing a query set")
+    spec = dataclasses.replace(spec, grads=dataclasses.replace(spec.grads, dtype="float32"))
+    query = QueryPreprocess(hessian, unit_normalize, aggregation)
+    table = GRADIENTS if aggregation == "none" else EXAMPLES
+    progress = build(run_path, spec, workers=workers, ray_address=ray_address, on_progress=on_progress,
+                     table=table, query=query)
+    if aggregation != "none":
+        _write_aggregate(run_path, GradientTable.open(run_path, EXAMPLES), aggregation)
+    return progress
+
+
+def _write_aggregate(run_path: str, examples: GradientTable, aggregation: Aggregation) -> None:
+    """Stream the per-example rows into one summed (or mean) row, replacing any earlier aggregate."""
+    if not examples.count():
+        raise RayattrError(f"the query set in {run_path} produced no gradients (empty, or no document had a loss token)")
+    total = np.zeros(examples.meta.dim, np.float64)
+    count = tokens = 0
+    loss = 0.0
+    for batch in examples.iter_batches(["grad", "num_tokens", "loss"]):
+        total += vectors_of(batch.column("grad"), examples.meta.dim).sum(0, dtype=np.float64)
+        count += batch.num_rows
+        tokens += int(batch.column("num_tokens").to_numpy().sum())
+        loss += float(batch.column("loss").to_numpy().sum(dtype=np.float64))
+    row = total / count if aggregation == "mean" else total
+    if table_exists(run_path, GRADIENTS):
+        connect(run_path).drop_table(GRADIENTS)
+    aggregated = GradientTable.create(run_path, examples.meta, GRADIENTS)
+    aggregated.append(pa.table({
+        "id": pa.array([0], pa.int64()), "num_tokens": pa.array([tokens], pa.int32()),
+        "loss": pa.array([loss / count if aggregation == "mean" else loss], pa.float32()),
+        "grad": pa.FixedSizeListArray.from_arrays(pa.array(row.astype(np.float32)), examples.meta.dim),
+    }))
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """How training rows are scored against the queries."""
+
+    mode: ScoreMode = "individual"
+    unit_normalize: bool = False  # cosine: H^-1/2 (if any) then unit norm on both sides
+    hessian: str | None = None
+    per_token: bool = False
+    top_k: int = 50
+    query_batch_size: int = 1024
+    keep_gradients: bool = False  # on the fly: also write the raw training gradients (table ``gradients``)
+
+    def __post_init__(self) -> None:
+        check_mode(self.mode)
+        if self.top_k < 1 or self.query_batch_size < 1:
+            raise RayattrError(f"--top-k and --query-batch-size must be >= 1, got {self.top_k} and {self.query_batch_size}")
+
+
+@dataclass
+class QuerySet:
+    """Preprocessed query vectors and the index-side preprocessing that matches them."""
+
+    ids: np.ndarray
+    vectors: torch.Tensor
+    meta: TableMeta
+    index_side: Preprocess
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.vectors.numpy().tobytes()).hexdigest()[:16]
+
+
+def load_queries(query_path: str, settings: ScoreSettings) -> QuerySet:
+    """Read a query table and finish its preprocessing for these settings.
+
+    ``reduce`` may already have applied the preconditioner; scoring applies
+    it here otherwise, so both routes give the same vectors. Combinations
+    that cannot be repaired (a query unit-normalized before preconditioning,
+    preconditioned for cosine but scored by inner product...) are errors.
+    """
+    table = GradientTable.open(query_path)
+    meta = table.meta
+    if meta.per_token:
+        raise RayattrError(f"{query_path} holds per-token rows; make the query with `rayattr reduce` (per document)")
+    if meta.unit_normalized and not settings.unit_normalize:
+        raise RayattrError(
+            f"the query in {query_path} is unit-normalized but scoring is by inner product; "
+            "pass --unit-normalize, or reduce the query again without it"
+        )
+    power = -0.5 if settings.unit_normalize else -1.0
+    wanted = Preconditioner.load(settings.hessian, power=power) if settings.hessian else None
+    if wanted is not None:
+        wanted.check(meta)
+    query_side = _query_preconditioning(query_path, meta, wanted)
+    ids, vectors = table.read_matrix()
+    if not len(ids):
+        raise RayattrError(f"the query table in {query_path} is empty; reduce a query set with at least one document")
+    rows = Preprocess(query_side, settings.unit_normalize)(torch.from_numpy(vectors))
+    index_side = Preprocess(wanted if settings.unit_normalize else None, settings.unit_normalize)
+    return QuerySet(ids, rows, meta, index_side)
+
+
+def _query_preconditioning(query_path: str, meta: TableMeta, wanted: Preconditioner | None) -> Preconditioner | None:
+    """The preconditioner still to apply to the stored query rows (None when done or not wanted)."""
+    applied = meta.preconditioner
+    reduce = meta.source.get("reduce") or {}
+    if applied is None:
+        if wanted is not None and meta.unit_normalized:
+            raise RayattrError(
+                f"the query in {query_path} was unit-normalized without a preconditioner, so H^-1/2 cannot be "
+                "applied before the normalization any more; reduce it again with --hessian-path"
+            )
+        return wanted
+    if wanted is not None and applied == wanted.fingerprint:
+        return None
+    if wanted is None and reduce.get("power") == -1.0 and not meta.unit_normalized:
+        return None  # inner product: H^-1 on the query only, index raw
+    raise RayattrError(
+        f"the query in {query_path} was reduced with preconditioner {applied} (statistics {reduce.get('hessian')}, "
+        f"power {reduce.get('power')}), which does not match this scoring's "
+        f"{'preconditioner ' + wanted.fingerprint if wanted else 'lack of --hessian-path'}; "
+        "pass the same --hessian-path and --unit-normalize as the reduce"
+    )
+
+
+class ScoringWorker:
+    """Actor scoring batches of training rows against the broadcast queries.
+
+    With ``spec`` it holds a model replica and computes gradients on the fly;
+    without, batches are rows of a gradient table.
+    """
+
+    def __init__(self, run_path: str, threads: int, queries, settings: ScoreSettings, spec: RunSpec | None = None) -> None:
+        torch.set_num_threads(threads)
+        queries = ray.get(queries) if isinstance(queries, ray.ObjectRef) else queries
+        self.scorer = Scorer(queries.vectors, queries.index_side, settings.mode, settings.query_batch_size)
+        self.engine = self.gradients = None
+        if spec is not None:
+            self.engine, meta = engine_for(spec)
+            require_compatible(meta, queries.meta)
+            if settings.keep_gradients:
+                self.gradients = GradientTable.create(run_path, meta)
+        self.scores = ScoreTable.open(run_path, SCORES)
+        self.token_scores = ScoreTable.open(run_path, TOKEN_SCORES) if settings.per_token else None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.engine is None:
+            ids = batch.column("id").to_numpy()
+            num_tokens = batch.column("num_tokens").to_numpy()
+            scores = self.scorer.score(torch.from_numpy(vectors_of(batch.column("grad"), self.scorer.dim).copy()))
+            self.scores.append(_score_rows(ids, num_tokens, scores))
+            return summary_rows(ids, batch.column("num_tokens"), np.ones(len(ids), bool))
+        docs = TokenizedDocs.from_arrow(batch)
+        rows = self.engine.rows(docs)
+        if self.gradients is not None:  # before the scores: a resumed batch rewrites both, dedup repairs
+            self.gradients.append(rows.to_arrow())
+        grads = torch.from_numpy(rows.grads)
+        if self.token_scores is None:
+            self.scores.append(_score_rows(rows.ids, rows.num_tokens, self.scorer.score(grads)))
+        else:
+            doc_ids, row_doc = np.unique(rows.ids, return_inverse=True)
+            tokens, per_doc = self.scorer.score_tokens(grads, torch.from_numpy(row_doc), len(doc_ids))
+            self.token_scores.append(_score_rows(rows.ids, rows.num_tokens, tokens, rows.token_pos))
+            lengths = np.zeros(len(doc_ids), np.int32)
+            lengths[row_doc] = rows.num_tokens
+            self.scores.append(_score_rows(doc_ids, lengths, per_doc))
+        return summary_rows(docs.ids, batch.column("num_tokens"), np.isin(docs.ids, rows.ids))
+
+
+def _score_rows(ids: np.ndarray, num_tokens: np.ndarray, scores: torch.Tensor, token_pos: np.ndarray | None = None) -> pa.Table:
+    columns = {"id": pa.array(ids, pa.int64()), "num_tokens": pa.array(num_tokens, pa.int32())}
+    if token_pos is not None:
+        columns["token_pos"] = pa.array(token_pos, pa.int32())
+    flat = pa.array(scores.numpy().astype(np.float32).reshape(-1))
+    columns["scores"] = pa.FixedSizeListArray.from_arrays(flat, scores.shape[1])
+    return pa.table(columns)
+
+
+@dataclass
+class ScoreResult:
+    progress: BuildProgress
+    topk: TopK
+    query_ids: np.ndarray
+
+
+def score(
+    run_path: str, query_path: str, settings: ScoreSettings, *, spec: RunSpec | None = None,
+    index_path: str | None = None, workers: int = 1, ray_address: str | None = None,
+    docs_per_write: int = 256, on_progress: Callable[[BuildProgress], None] | None = None,
+) -> ScoreResult:
+    """Score a training set (``spec``: on the fly; ``index_path``: a gradient table) against a query table.
+
+    Writes ``scores`` (and ``token_scores`` with ``per_token``) and ``topk``
+    into ``run_path``; a rerun with the same settings resumes.
+    """
+    if (spec is None) == (index_path is None):
+        raise RayattrError("score either a dataset on the fly (--model/--dataset) or a gradient table (--index-path), not both")
+    queries = load_queries(query_path, settings)
+    if spec is not None:
+        spec = dataclasses.replace(spec, grads=dataclasses.replace(spec.grads, per_token=settings.per_token))
+        shards = prepare(spec, ray_address)
+    else:
+        index = _checked_index(index_path, queries, settings)
+        ensure_ray(ray_address)
+    meta = ScoreMeta(
+        width=queries.vectors.shape[0] if settings.mode == "individual" else 1,
+        per_token=False, query_ids=queries.ids.tolist() if settings.mode == "individual" else [-1],
+        settings={"mode": settings.mode, "unit_normalize": settings.unit_normalize,
+                  "preconditioner": queries.index_side.preconditioner.fingerprint if queries.index_side.preconditioner else None,
+                  "queries": queries.fingerprint, "index": index_path or stable_hash(dataclasses.asdict(spec.data))},
+    )
+    table = ScoreTable.create(run_path, meta, SCORES)
+    if settings.per_token:
+        ScoreTable.create(run_path, dataclasses.replace(meta, per_token=True), TOKEN_SCORES)
+    resources = WorkerResources.plan(workers)
+    progress = BuildProgress(total_docs=0)
+    if spec is not None:
+        items = resume_plan(shards, table)
+        progress.total_docs = sum(s["num_rows"] - len(s["done_ids"]) for s in items)
+        dataset = token_stream(spec, items) if items else None
+    else:
+        dataset = _index_stream(run_path, index, table, meta, progress)
+    if dataset is not None:
+        dataset = dataset.map_batches(
+            ScoringWorker, batch_size=docs_per_write if spec is not None else INDEX_ROWS_PER_BATCH, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
+            fn_constructor_kwargs={"run_path": run_path, "threads": resources.threads, "queries": ray.put(queries),
+                                   "settings": settings, "spec": spec},
+        )
+        drain(dataset, progress, on_progress)
+        written = [ScoreTable.open(run_path, SCORES)]
+        if settings.per_token:
+            written.append(ScoreTable.open(run_path, TOKEN_SCORES))
+        if settings.keep_gradients and table_exists(run_path, GRADIENTS):
+            written.append(GradientTable.open(run_path))
+        for repaired in written:
+            progress.duplicates_removed += repaired.deduplicate()
+            repaired.optimize()
+    top = distributed_topk(ScoreTable.open(run_path, SCORES), settings.top_k)
+    write_topk(run_path, top, np.asarray(meta.query_ids), meta)
+    progress.finish()
+    return ScoreResult(progress, top, np.asarray(meta.query_ids))
+
+
+def _checked_index(index_path: str, queries: QuerySet, settings: ScoreSettings) -> GradientTable:
+    index = GradientTable.open(index_path)
+    require_compatible(index.meta, queries.meta)
+    if index.meta.per_token:
+        raise RayattrError(
+            f"{index_path} holds per-token rows; score per document, or score on the fly with --per-token"
+        )
+    if settings.per_token or settings.keep_gradients:
+        raise RayattrError("--per-token and --keep-gradients need gradients computed on the fly (--model/--dataset), "
+                           "not --index-path")
+    if index.meta.preconditioner or index.meta.unit_normalized:
+        raise RayattrError(f"{index_path} holds preprocessed query rows, not raw index gradients; pass a `rayattr build` table")
+    return index
+
+
+def _index_stream(run_path: str, index: GradientTable, table: ScoreTable, meta: ScoreMeta,
+                  progress: BuildProgress) -> ray.data.Dataset | None:
+    """Batches of the gradient table; a complete score table is kept, a partial one is redone."""
+    total = index.count()
+    if table.count() == total:
+        return None
+    if table.count():
+        connect(run_path).drop_table(SCORES)
+        ScoreTable.create(run_path, meta, SCORES)
+    progress.total_docs = total
+    return ray.data.read_lance(index.lance_uri, columns=["id", "num_tokens", "grad"])
+
+
+def _block_topk(batch: pa.Table, k: int) -> pa.Table:
+    """Ray Data UDF: one row holding a block's top-k per query."""
+    if not batch.num_rows:
+        return pa.table({"ids": pa.array([], pa.list_(pa.int64())), "scores": pa.array([], pa.list_(pa.float32()))})
+    column = batch.column("scores")
+    top = TopK.of_block(k, batch.column("id").to_numpy(), vectors_of(column, column.type.list_size))
+    return pa.table({"ids": [top.ids.reshape(-1)], "scores": [top.scores.reshape(-1)]})
+
+
+def distributed_topk(table: ScoreTable, k: int) -> TopK:
+    """Top-k per query of a score table: per-block top-k on Ray tasks, merged on the driver."""
+    width = table.meta.width
+    merged = TopK.empty(k, width)
+    if not table.count():
+        return merged
+    blocks = ray.data.read_lance(table.lance_uri, columns=["id", "scores"]).map_batches(
+        _block_topk, batch_size=TOPK_BLOCK_ROWS, batch_format="pyarrow", fn_kwargs={"k": k},
+    )
+    for part in blocks.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for ids, scores in zip(part.column("ids").to_numpy(zero_copy_only=False),
+                               part.column("scores").to_numpy(zero_copy_only=False)):
+            merged = merged.merge(TopK(k, np.asarray(ids).reshape(width, -1), np.asarray(scores).reshape(width, -1)))
+    return merged
+
+
+def write_topk(run_path: str, top: TopK, query_ids: np.ndarray, meta: ScoreMeta) -> None:
+    """The ``topk`` table (``query_id, rank, id, score``), replaced whole."""
+    rows = top.to_arrow(query_ids)
+    rows = rows.replace_schema_metadata({META_KEY: meta.to_json()})
+    connect(run_path).create_table(TOPK, rows, mode="overwrite")
+
+
+def read_topk(run_path: str) -> tuple[TopK, np.ndarray]:
+    """The ``topk`` table of a run as ``(TopK, query ids)`` in the score table's query order."""
+    if not table_exists(run_path, TOPK):
+        raise RayattrError(f"no topk table in {run_path}; run `rayattr score` or `rayattr trackstar` first")
+    table = connect(run_path).open_table(TOPK).to_arrow()
+    query_ids = np.asarray(json.loads(table.schema.metadata[META_KEY])["query_ids"], np.int64)
+    rows = table.sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    width = len(query_ids)
+    order = np.argsort(np.argsort(query_ids))  # position of each query among the sorted query ids
+    ids = rows.column("id").to_numpy().reshape(width, -1)[order]
+    scores = rows.column("score").to_numpy().reshape(width, -1)[order]
+    return TopK(ids.shape[1], ids, scores), query_ids

@@ -1,0 +1,182 @@
+"""TrackStar end to end, as resumable steps under one run path.
+
+normalizer -> second moments of an index sample and of the query set -> mix
+-> query gradients with ``H^-1/2``, unit-normalized -> on-the-fly cosine
+scoring of the training set -> top-k. Each step writes its output under
+``RUN_PATH`` and a marker in ``RUN_PATH/steps``; a resumed run skips every
+step whose marker is there. The whole configuration is saved as
+``RUN_PATH/trackstar.yaml``, which ``rayattr run`` replays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec, from_dict, stable_hash, to_dict
+from rayattr.data import sample_split
+
+NormalizerChoice = Literal["adafactor", "adam", "none"]
+CONFIG_FILE = "trackstar.yaml"
+STEPS_DIR = "steps"
+
+
+@dataclass(frozen=True)
+class TrackstarSpec:
+    """Everything a TrackStar run needs; its YAML form is what ``rayattr run`` reads."""
+
+    run_path: str
+    model: ModelSpec
+    train: DataSpec
+    query: DataSpec
+    grads: GradSpec = field(default_factory=GradSpec)
+    normalizer: NormalizerChoice = "adafactor"
+    optimizer_state: str | None = None  # moments from a checkpoint instead of fitting them
+    stats_sample_size: int | None = 10_000  # first N training rows for the index statistics
+    target_downweight_components: int = 1000
+    mix: bool = True
+    top_k: int = 50
+    query_batch_size: int = 1024
+    per_token: bool = False
+    keep_gradients: bool = False  # also store the training gradients (table ``gradients``) while scoring
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.normalizer not in ("adafactor", "adam", "none"):
+            raise RayattrError(f"unknown normalizer {self.normalizer!r}; choose adafactor, adam or none")
+        if self.optimizer_state and self.normalizer == "none":
+            raise RayattrError("--optimizer-state makes a normalizer: choose --normalizer adafactor or adam with it")
+        if self.grads.normalizer:
+            raise RayattrError("trackstar makes its own normalizer; use --optimizer-state or --normalizer, not a directory")
+
+    @property
+    def fingerprint(self) -> str:
+        """What decides the results (not the worker count)."""
+        return stable_hash(to_dict(dataclasses.replace(self, workers=1)))
+
+    def save(self) -> Path:
+        path = Path(self.run_path) / CONFIG_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump({"trackstar": to_dict(self)}, sort_keys=False))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrackstarSpec:
+        try:
+            payload = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise RayattrError(f"cannot read run config {path}: {exc}") from exc
+        if not isinstance(payload, dict) or "trackstar" not in payload:
+            raise RayattrError(f"{path} is not a rayattr run config (expected a top-level 'trackstar:' mapping)")
+        return from_dict(cls, payload["trackstar"])
+
+
+@dataclass
+class StepReport:
+    name: str
+    skipped: bool
+    seconds: float
+    detail: dict[str, Any]
+
+
+class Steps:
+    """Markers of completed steps: a step runs unless its marker says it is done."""
+
+    def __init__(self, spec: TrackstarSpec, resume: bool, on_step: Callable[[StepReport], None] | None) -> None:
+        self.root = Path(spec.run_path) / STEPS_DIR
+        self.fingerprint = spec.fingerprint
+        self.on_step = on_step
+        self.reports: list[StepReport] = []
+        done = sorted(self.root.glob("*.json")) if self.root.exists() else []
+        if done and not resume:
+            raise RayattrError(f"{spec.run_path} already holds a trackstar run; pass --resume to continue it, or a new RUN_PATH")
+        for marker in done:
+            if json.loads(marker.read_text()).get("fingerprint") != self.fingerprint:
+                raise RayattrError(
+                    f"{spec.run_path} was made with other settings (see {Path(spec.run_path) / CONFIG_FILE}); "
+                    "resume it with those settings, or use a new RUN_PATH"
+                )
+
+    def run(self, name: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run ``work`` unless ``name`` is done; returns its recorded detail either way."""
+        marker = self.root / f"{name}.json"
+        if marker.exists():
+            record = json.loads(marker.read_text())
+            self._report(StepReport(name, True, record["seconds"], record["detail"]))
+            return record["detail"]
+        start = time.perf_counter()
+        detail = work()
+        seconds = time.perf_counter() - start
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "seconds": seconds, "detail": detail}))
+        tmp.replace(marker)
+        self._report(StepReport(name, False, seconds, detail))
+        return detail
+
+    def _report(self, report: StepReport) -> None:
+        self.reports.append(report)
+        if self.on_step:
+            self.on_step(report)
+
+
+def trackstar(spec: TrackstarSpec, *, resume: bool = False, ray_address: str | None = None,
+              on_step: Callable[[StepReport], None] | None = None) -> list[StepReport]:
+    """Run (or resume) the TrackStar pipeline of DESIGN.md section 2 under ``spec.run_path``."""
+    from rayattr.grads.normalizer import from_optimizer_state
+    from rayattr.hessian.mixing import mix_stats
+    from rayattr.model import load_model
+    from rayattr.ray.fit import fit
+    from rayattr.ray.score import ScoreSettings, reduce, score
+
+    root = Path(spec.run_path)
+    steps = Steps(spec, resume, on_step)
+    spec.save()
+    sample = dataclasses.replace(spec.train, split=sample_split(spec.train.split, spec.stats_sample_size))
+    common = {"workers": spec.workers, "ray_address": ray_address}
+    grads = spec.grads
+    if spec.normalizer != "none":
+        out = str(root / "normalizer")
+
+        def make_normalizer() -> dict[str, Any]:
+            if spec.optimizer_state:
+                model = load_model(dataclasses.replace(spec.model, device="cpu"))
+                from_optimizer_state(spec.optimizer_state, model, spec.normalizer).save(out)
+                return {"source": spec.optimizer_state}
+            full = RunSpec(spec.model, sample, dataclasses.replace(grads, projection_dim=0))
+            return _summary(fit(out, full, "normalizer", normalizer_kind=spec.normalizer, **common))
+
+        steps.run("normalizer", make_normalizer)
+        grads = dataclasses.replace(grads, normalizer=out)
+    index_stats, query_stats = str(root / "index_stats"), str(root / "query_stats")
+    steps.run("index_stats", lambda: _summary(fit(index_stats, RunSpec(spec.model, sample, grads), "second-moment", **common)))
+    hessian = index_stats
+    if spec.mix:
+        steps.run("query_stats", lambda: _summary(fit(query_stats, RunSpec(spec.model, spec.query, grads), "second-moment", **common)))
+        hessian = str(root / "mixed")
+        steps.run("mixed", lambda: dict(zip(("lambda", "k"), mix_stats(query_stats, index_stats, hessian,
+                                                                          spec.target_downweight_components))))
+    query_path = str(root / "query")
+    steps.run("query", lambda: _progress(reduce(query_path, RunSpec(spec.model, spec.query, grads), aggregation="none",
+                                                unit_normalize=True, hessian=hessian, **common)))
+    settings = ScoreSettings(unit_normalize=True, hessian=hessian, per_token=spec.per_token, top_k=spec.top_k,
+                             query_batch_size=spec.query_batch_size, keep_gradients=spec.keep_gradients)
+    steps.run("score", lambda: _progress(score(spec.run_path, query_path, settings,
+                                               spec=RunSpec(spec.model, spec.train, grads), **common).progress))
+    return steps.reports
+
+
+def _summary(fitted) -> dict[str, Any]:
+    return {"examples": fitted.examples, "tokens": fitted.tokens}
+
+
+def _progress(progress) -> dict[str, Any]:
+    return {"docs": progress.docs, "written": progress.written, "tokens": progress.tokens,
+            "tokens_per_second": round(progress.tokens_per_second, 1)}
