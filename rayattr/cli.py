@@ -209,14 +209,18 @@ def hessian(
     sample_size: Annotated[Optional[int], typer.Option(help="Use the first N rows of the split")] = None,
     workers: WorkersOpt = 1,
     ray_address: RayAddressOpt = None,
+    save_config: SaveConfigOpt = None,
     options: dict | None = None,
 ) -> None:
     """Fit curvature statistics (second moment, K-FAC, EK-FAC) into RUN_PATH/stats."""
     from rayattr.data import sample_split
     from rayattr.ray.fit import fit
+    from rayattr.runconfig import HessianConfig
 
     options["split"] = sample_split(options["split"], sample_size)
     spec = _run_spec(model, dataset, **options)
+    if _saved(save_config, HessianConfig(run_path, spec, method.value, workers)):
+        return
     out = str(Path(run_path) / "stats")
     with console.status(f"fitting {method.value}"):
         summary = fit(out, spec, method.value, workers=workers, ray_address=ray_address)
@@ -247,6 +251,8 @@ HessianPathOpt = Annotated[Optional[str], typer.Option(help="Statistics director
 TopKOpt = Annotated[int, typer.Option(help="Training rows kept per query in the topk table")]
 QueryBatchOpt = Annotated[int, typer.Option(help="Queries multiplied at once (bounds the score block in memory)")]
 PerTokenScoresOpt = Annotated[bool, typer.Option(help="Also write a score per training token (token_scores table)")]
+SaveConfigOpt = Annotated[Optional[Path], typer.Option(
+    help="Write this command's YAML config (for `rayattr run` / `ray job submit ... jobs/`) and exit")]
 KeepGradientsOpt = Annotated[bool, typer.Option(help="Also store the training gradients computed on the fly (gradients table)")]
 
 
@@ -292,15 +298,19 @@ def score_command(
     keep_gradients: KeepGradientsOpt = False,
     workers: WorkersOpt = 1,
     ray_address: RayAddressOpt = None,
+    save_config: SaveConfigOpt = None,
     options: dict | None = None,
 ) -> None:
     """Score a training set against query vectors into `scores` and `topk` tables; reruns resume."""
     from rayattr.ray.score import ScoreSettings, score as run_score
+    from rayattr.runconfig import ScoreConfig
 
     if index_path is None and (model is None or dataset is None):
         raise RayattrError("pass --model and --dataset to score on the fly, or --index-path to score a built table")
     spec = _run_spec(model, dataset, **options) if index_path is None else None
     settings = ScoreSettings(score.value, unit_normalize, hessian_path, per_token, top_k, query_batch_size, keep_gradients)
+    if _saved(save_config, ScoreConfig(run_path, query_path, settings, spec, index_path, workers)):
+        return
     with _progress_bar("score") as show:
         result = run_score(run_path, query_path, settings, spec=spec, index_path=index_path, workers=workers,
                            ray_address=ray_address, on_progress=show)
@@ -366,29 +376,42 @@ def trackstar_command(
 @app.command("run")
 @_user_errors
 def run_command(
-    config: Annotated[Path, typer.Argument(help="A run's saved config (RUN_PATH/trackstar.yaml)")],
+    config: Annotated[Path, typer.Argument(help="A YAML run config (RUN_PATH/trackstar.yaml, or from --save-config)")],
     resume: Annotated[bool, typer.Option(help="Continue the run in its RUN_PATH, skipping completed steps")] = False,
     ray_address: RayAddressOpt = None,
 ) -> None:
-    """Replay a saved run configuration."""
-    from rayattr.trackstar import TrackstarSpec
+    """Run a saved configuration: RUN_PATH/trackstar.yaml, or one written with `--save-config`."""
+    from rayattr.runconfig import load_config, run_config
 
-    _run_trackstar(TrackstarSpec.load(config), resume, ray_address)
+    command, loaded = load_config(config)
+    if command == "trackstar":
+        _run_trackstar(loaded, resume, ray_address)
+    else:
+        run_config(command, loaded, resume=resume, ray_address=ray_address, log=console.print)
+        Console().print(f"{command} finished: {loaded.run_path}")
 
 
 def _run_trackstar(spec, resume: bool, ray_address: str | None) -> None:
     from rayattr.ray.score import read_topk
     from rayattr.trackstar import trackstar
 
-    def show(step) -> None:
-        state = "skipped (done)" if step.skipped else f"done in {step.seconds:.1f} s"
-        console.print(f"[bold]{step.name}[/]: {state} {escape(str(step.detail))}", highlight=False)
-
     with console.status("trackstar"):
-        trackstar(spec, resume=resume, ray_address=ray_address, on_step=show)
+        trackstar(spec, resume=resume, ray_address=ray_address,
+                  on_step=lambda step: console.print(escape(step.describe()), highlight=False))
     top, query_ids = read_topk(spec.run_path)
     _print_topk(top, query_ids)
     Console().print(f"results in {spec.run_path}: tables scores, topk (config {spec.run_path}/trackstar.yaml)")
+
+
+def _saved(path: Path | None, config) -> bool:
+    """With ``--save-config PATH``: write the command's YAML config instead of running it."""
+    if path is None:
+        return False
+    from rayattr.runconfig import command_of, save_config
+
+    Console().print(f"wrote {save_config(path, config)}; run it with `rayattr run {path}` or "
+                    f"`ray job submit --working-dir . -- python jobs/{command_of(config)}.py {path}`")
+    return True
 
 
 @contextlib.contextmanager
@@ -432,12 +455,16 @@ def build(
     dtype: Annotated[VectorDtype, typer.Option(help="Stored vector dtype")] = VectorDtype.float32,
     per_token: Annotated[bool, typer.Option(help="One row per token instead of per document")] = False,
     ray_address: RayAddressOpt = None,
+    save_config: SaveConfigOpt = None,
     options: dict | None = None,
 ) -> None:
     """Collect per-example (projected) gradients of a dataset into a LanceDB table; reruns resume."""
     from rayattr.ray.pipeline import build as run_build
+    from rayattr.runconfig import BuildConfig
 
     spec = _run_spec(model, dataset, **options, dtype=dtype, per_token=per_token)
+    if _saved(save_config, BuildConfig(run_path, spec, workers)):
+        return
     with _progress_bar("build") as show:
         result = run_build(run_path, spec, workers=workers, ray_address=ray_address, on_progress=show)
     _print_progress(f"build {run_path}", result)

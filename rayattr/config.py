@@ -132,6 +132,13 @@ def from_dict(cls: type, payload: dict[str, Any]) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in payload.items():
-        nested = hints.get(name)
-        kwargs[name] = from_dict(nested, value) if dataclasses.is_dataclass(nested) and isinstance(value, dict) else value
+        nested = _spec_type(hints.get(name))
+        kwargs[name] = from_dict(nested, value) if nested is not None and isinstance(value, dict) else value
     return cls(**kwargs)
+
+
+def _spec_type(hint: Any) -> type | None:
+    """The dataclass a field holds (also inside ``X | None``), if any."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    return next((arg for arg in typing.get_args(hint) if dataclasses.is_dataclass(arg)), None)

@@ -5,7 +5,8 @@ normalizer -> second moments of an index sample and of the query set -> mix
 scoring of the training set -> top-k. Each step writes its output under
 ``RUN_PATH`` and a marker in ``RUN_PATH/steps``; a resumed run skips every
 step whose marker is there. The whole configuration is saved as
-``RUN_PATH/trackstar.yaml``, which ``rayattr run`` replays.
+``RUN_PATH/trackstar.yaml`` (rayattr.runconfig's schema), which
+``rayattr run`` and ``jobs/trackstar.py`` replay.
 """
 
 from __future__ import annotations
@@ -18,9 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec, from_dict, stable_hash, to_dict
+from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec, stable_hash, to_dict
 from rayattr.data import sample_split
 
 NormalizerChoice = Literal["adafactor", "adam", "none"]
@@ -61,22 +60,6 @@ class TrackstarSpec:
         """What decides the results (not the worker count)."""
         return stable_hash(to_dict(dataclasses.replace(self, workers=1)))
 
-    def save(self) -> Path:
-        path = Path(self.run_path) / CONFIG_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump({"trackstar": to_dict(self)}, sort_keys=False))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> TrackstarSpec:
-        try:
-            payload = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise RayattrError(f"cannot read run config {path}: {exc}") from exc
-        if not isinstance(payload, dict) or "trackstar" not in payload:
-            raise RayattrError(f"{path} is not a rayattr run config (expected a top-level 'trackstar:' mapping)")
-        return from_dict(cls, payload["trackstar"])
-
 
 @dataclass
 class StepReport:
@@ -84,6 +67,9 @@ class StepReport:
     skipped: bool
     seconds: float
     detail: dict[str, Any]
+
+    def describe(self) -> str:
+        return f"{self.name}: {'skipped (done)' if self.skipped else f'done in {self.seconds:.1f} s'} {self.detail}"
 
 
 class Steps:
@@ -137,8 +123,10 @@ def trackstar(spec: TrackstarSpec, *, resume: bool = False, ray_address: str | N
     from rayattr.ray.score import ScoreSettings, reduce, score
 
     root = Path(spec.run_path)
+    from rayattr.runconfig import save_config
+
     steps = Steps(spec, resume, on_step)
-    spec.save()
+    save_config(Path(spec.run_path) / CONFIG_FILE, spec)
     sample = dataclasses.replace(spec.train, split=sample_split(spec.train.split, spec.stats_sample_size))
     common = {"workers": spec.workers, "ray_address": ray_address}
     grads = spec.grads

@@ -97,8 +97,8 @@ def fit(out_dir: str, spec: RunSpec, method: str, *, workers: int = 1, ray_addre
     start = time.perf_counter()
     shards = prepare(spec, ray_address)
     resources = WorkerResources.plan(workers)
-    actors = [StatsWorker.options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus).remote(spec, resources.threads)
-              for _ in range(workers)]
+    actors = [StatsWorker.options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, scheduling_strategy="SPREAD")
+              .remote(spec, resources.threads) for _ in range(workers)]
     if method == "normalizer":
         sums, meta = _pass(spec, shards, actors, "normalizer")
         normalizer = fitted_normalizer(sums, normalizer_kind, source=f"fitted on {spec.data.dataset} [{spec.data.split}]")

@@ -59,15 +59,25 @@ class WorkerResources:
     @classmethod
     def plan(cls, workers: int) -> WorkerResources:
         """One GPU per actor when the cluster has GPUs; otherwise share the CPUs,
-        leaving room for one tokenize task so the stream never starves."""
+        leaving room on every node for one tokenize task so the stream never starves
+        (free CPU fragmented across nodes would not fit a task)."""
         resources = ray.cluster_resources()
         cpus = resources.get("CPU", 1.0)
         if resources.get("GPU", 0) >= 1:
             return cls(num_cpus=1.0, num_gpus=1.0, threads=max(1, int(cpus // workers) - 1))
-        share = min(1.0, (cpus - TOKENIZE_CPUS) / workers)
+        nodes = sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) > 0)
+        share = min(1.0, (cpus - TOKENIZE_CPUS * max(nodes, 1)) / workers)
         if share <= 0:
             raise RayattrError(f"the Ray cluster has {cpus} CPUs: too few for {workers} worker(s); lower --workers")
         return cls(num_cpus=share, num_gpus=0.0, threads=max(1, int(cpus // workers)))
+
+    def pool(self, workers: int) -> dict:
+        """``map_batches`` arguments for a pool of ``workers`` actors, spread over the nodes
+        (model replicas on different nodes share no memory or GPU)."""
+        # Two batches in flight per actor keep it busy without letting the first actor
+        # to start take the whole queue while the others load their models.
+        return {"compute": ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2), "num_cpus": self.num_cpus,
+                "num_gpus": self.num_gpus, "scheduling_strategy": "SPREAD"}
 
 
 def read_and_tokenize(shards: pa.Table, data: DataSpec, tokenizer_name: str, revision: str | None, max_length: int) -> Iterator[pa.Table]:
@@ -114,12 +124,13 @@ class GradientWorker:
 
 
 def summary_rows(ids: np.ndarray, num_tokens: pa.Array, written: np.ndarray) -> pa.Table:
-    """What a worker tells the driver about a batch: which ids it wrote, and when."""
+    """What a worker tells the driver about a batch: which ids it wrote, when, and on which node."""
     return pa.table({
         "id": pa.array(ids, pa.int64()),
         "num_tokens": num_tokens,
         "written": pa.array(written),
         "written_at": pa.array(np.full(len(ids), time.time())),
+        "node_id": pa.array([ray.get_runtime_context().get_node_id()] * len(ids), pa.string()),
     })
 
 
@@ -173,6 +184,7 @@ class BuildProgress:
     seconds: float = 0.0
     first_row_seconds: float | None = None
     duplicates_removed: int = 0
+    nodes: set[str] = field(default_factory=set)  # Ray node ids of the workers that wrote rows
     started: float = field(default_factory=time.perf_counter)
     wall_start: float = field(default_factory=time.time)
 
@@ -227,9 +239,7 @@ def build(
             GradientWorker,
             batch_size=docs_per_write,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=workers),
-            num_cpus=resources.num_cpus,
-            num_gpus=resources.num_gpus,
+            **resources.pool(workers),
             fn_constructor_kwargs=dict(spec=spec, run_path=run_path, threads=resources.threads, table=table, query=query),
         )
         drain(dataset, progress, on_progress)
@@ -248,6 +258,7 @@ def drain(dataset: ray.data.Dataset, progress: BuildProgress, on_progress: Calla
         progress.written += int(written.sum())
         progress.skipped += int((~written).sum())
         progress.tokens += int(pc.sum(summary.column("num_tokens")).as_py() or 0)
+        progress.nodes.update(pc.unique(summary.column("node_id")).to_pylist())
         progress.finish()
         if progress.first_row_seconds is None and progress.written:
             progress.first_row_seconds = float(pc.min(summary.column("written_at")).as_py()) - progress.wall_start

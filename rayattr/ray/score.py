@@ -26,7 +26,8 @@ from rayattr.data import TokenizedDocs
 from rayattr.grads.engine import engine_for
 from rayattr.hessian.precondition import Preconditioner
 from rayattr.ray.pipeline import (
-    BuildProgress, WorkerResources, build, drain, ensure_ray, prepare, resume_plan, summary_rows, token_stream,
+    TOKENIZE_CPUS, BuildProgress, WorkerResources, build, drain, ensure_ray, prepare, resume_plan, summary_rows,
+    token_stream,
 )
 from rayattr.score import Aggregation, Preprocess, QueryPreprocess, Scorer, ScoreMode, aggregate, check_mode
 from rayattr.store import (
@@ -272,7 +273,7 @@ def score(
     if dataset is not None:
         dataset = dataset.map_batches(
             ScoringWorker, batch_size=docs_per_write if spec is not None else INDEX_ROWS_PER_BATCH, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
+            **resources.pool(workers),
             fn_constructor_kwargs={"run_path": run_path, "threads": resources.threads, "queries": ray.put(queries),
                                    "settings": settings, "spec": spec},
         )
@@ -316,7 +317,7 @@ def _index_stream(run_path: str, index: GradientTable, table: ScoreTable, meta: 
         connect(run_path).drop_table(SCORES)
         ScoreTable.create(run_path, meta, SCORES)
     progress.total_docs = total
-    return ray.data.read_lance(index.lance_uri, columns=["id", "num_tokens", "grad"])
+    return ray.data.read_lance(index.lance_uri, columns=["id", "num_tokens", "grad"], num_cpus=TOKENIZE_CPUS)
 
 
 def _block_topk(batch: pa.Table, k: int) -> pa.Table:
@@ -334,8 +335,8 @@ def distributed_topk(table: ScoreTable, k: int) -> TopK:
     merged = TopK.empty(k, width)
     if not table.count():
         return merged
-    blocks = ray.data.read_lance(table.lance_uri, columns=["id", "scores"]).map_batches(
-        _block_topk, batch_size=TOPK_BLOCK_ROWS, batch_format="pyarrow", fn_kwargs={"k": k},
+    blocks = ray.data.read_lance(table.lance_uri, columns=["id", "scores"], num_cpus=TOKENIZE_CPUS).map_batches(
+        _block_topk, batch_size=TOPK_BLOCK_ROWS, batch_format="pyarrow", fn_kwargs={"k": k}, num_cpus=TOKENIZE_CPUS,
     )
     for part in blocks.iter_batches(batch_size=None, batch_format="pyarrow"):
         for ids, scores in zip(part.column("ids").to_numpy(zero_copy_only=False),

@@ -1,0 +1,122 @@
+"""Cluster scale: two-node builds, `ray job submit` to a local head, and the cluster configs.
+
+The multi-node and job tests start their own Ray clusters in child processes,
+so they never touch the session's embedded Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from helpers import assert_rows_close
+
+from rayattr.api import collect_in_process, open_index, read_topk
+from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
+from rayattr.runconfig import save_config
+from rayattr.trackstar import TrackstarSpec
+
+ROOT = Path(__file__).parents[1]
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def test_cluster_launcher_config_is_sane():
+    config = yaml.safe_load((ROOT / "cluster" / "aws.yaml").read_text())
+    types = config["available_node_types"]
+    assert config["head_node_type"] in types and types[config["head_node_type"]]["resources"]["CPU"] == 0
+    gpu = [t for t in types.values() if t["resources"].get("GPU", 0) >= 1]
+    assert gpu and all(t["min_workers"] <= t["max_workers"] for t in gpu)
+    assert config["docker"]["image"].startswith("rayproject/ray:")
+    assert any("rayattr" in command for command in config["setup_commands"])
+
+
+def test_kuberay_manifests_are_sane():
+    cluster = yaml.safe_load((ROOT / "cluster" / "kuberay-raycluster.yaml").read_text())
+    job = yaml.safe_load((ROOT / "cluster" / "kuberay-rayjob.yaml").read_text())
+    assert (cluster["kind"], job["kind"]) == ("RayCluster", "RayJob")
+    for spec in (cluster["spec"], job["spec"]["rayClusterSpec"]):
+        head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+        workers = spec["workerGroupSpecs"][0]
+        assert head["image"].startswith("rayproject/ray:")
+        gpu = workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+        assert int(gpu) >= 1 and workers["minReplicas"] <= workers["maxReplicas"]
+    assert "trackstar.yaml" in job["spec"]["entrypoint"] and "rayattr" in job["spec"]["entrypoint"]
+
+
+TWO_NODES = textwrap.dedent("""
+    import json, sys
+    import ray
+    from ray.cluster_utils import Cluster
+    from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
+    from rayattr.ray.pipeline import build
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address)
+    model, train, run = sys.argv[1:4]
+    spec = RunSpec(ModelSpec(model), DataSpec(train), GradSpec(projection_dim=4))
+    progress = build(run, spec, workers=2, docs_per_write=8)
+    print(json.dumps({"nodes": sorted(progress.nodes), "cluster": len(ray.nodes()), "written": progress.written}))
+    ray.shutdown()
+    cluster.shutdown()
+""")
+
+
+def test_build_spreads_over_two_nodes_and_equals_one_process(tmp_path, offline_fixture):
+    run, train = str(tmp_path / "run"), tmp_path / "train.parquet"
+    # Sixteen row groups are sixteen shards, enough work that the second actor to load its
+    # model still finds some left (the first one starts on the queue as soon as it is ready).
+    pq.write_table(pq.read_table(offline_fixture.train).slice(0, 400), train, row_group_size=25)
+    done = subprocess.run([sys.executable, "-c", TWO_NODES, str(offline_fixture.neox), str(train), run],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["cluster"] == 2 and report["written"] == 400
+    assert len(report["nodes"]) == 2, report  # both nodes' actors wrote rows
+    spec = RunSpec(ModelSpec(str(offline_fixture.neox)), DataSpec(str(train)), GradSpec(projection_dim=4))
+    chunks = [rows for _, rows in collect_in_process(spec)]
+    ids, vectors = open_index(run).read_matrix()
+    np.testing.assert_array_equal(ids, np.concatenate([rows.ids for rows in chunks]))
+    assert_rows_close(vectors, np.concatenate([rows.grads for rows in chunks]))
+
+
+@pytest.mark.cluster
+def test_ray_job_submit_to_a_local_head_runs_trackstar(tmp_path, offline_fixture):
+    spec = TrackstarSpec(
+        str(tmp_path / "run"), ModelSpec(str(offline_fixture.neox)), DataSpec(str(offline_fixture.train), split="train[:64]"),
+        DataSpec(str(offline_fixture.queries), split="train[:4]", prompt_column="prompt", completion_column="completion"),
+        GradSpec(projection_dim=4), normalizer="none", top_k=5, workers=2,
+    )
+    config = save_config(tmp_path / "trackstar.yaml", spec)
+    state = tempfile.mkdtemp(prefix="rayattr-", dir="/tmp")  # Ray's socket paths must stay short
+    env = os.environ | {"PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAYATTR_LOCAL_DIR": state,
+                        "RAYATTR_LOCAL_PORT": "6395", "RAYATTR_LOCAL_DASHBOARD_PORT": "8295"}
+    env.pop("RAY_ADDRESS", None)
+    local = str(ROOT / "cluster" / "local.sh")
+    started = subprocess.run([local, "start"], env=env, capture_output=True, text=True, timeout=300)
+    try:
+        assert started.returncode == 0, started.stderr
+        assert "RAY_ADDRESS=http://127.0.0.1:8295" in started.stdout
+        job_env = env | {"RAY_AUTH_MODE": "token", "RAY_ADDRESS": "http://127.0.0.1:8295"}
+        submitted = subprocess.run(
+            ["ray", "job", "submit", "--working-dir", str(ROOT), "--", "python", "jobs/trackstar.py", str(config)],
+            env=job_env, capture_output=True, text=True, timeout=600,
+        )
+        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+        assert "trackstar: finished" in submitted.stdout
+    finally:
+        subprocess.run([local, "stop"], env=env, timeout=120)
+        shutil.rmtree(state, ignore_errors=True)
+    top, query_ids = read_topk(spec.run_path)
+    np.testing.assert_array_equal(query_ids, np.arange(4))
+    assert top.ids.shape == (4, 5) and set(top.ids.ravel()) <= set(range(64))
