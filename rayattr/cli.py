@@ -97,6 +97,8 @@ WorkersOpt = Annotated[int, typer.Option(help="Worker actors, each with a model 
 PrecisionOpt = Annotated[Precision, typer.Option(help="Model weights dtype")]
 NormalizerOpt = Annotated[Optional[str], typer.Option(help="Normalizer directory from `rayattr normalizer`")]
 RayAddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")]
+SaveConfigOpt = Annotated[Optional[Path], typer.Option(
+    help="Write this command's YAML config (for `rayattr run` / `ray job submit ... jobs/`) and exit")]
 
 
 def _run_spec(
@@ -251,8 +253,6 @@ HessianPathOpt = Annotated[Optional[str], typer.Option(help="Statistics director
 TopKOpt = Annotated[int, typer.Option(help="Training rows kept per query in the topk table")]
 QueryBatchOpt = Annotated[int, typer.Option(help="Queries multiplied at once (bounds the score block in memory)")]
 PerTokenScoresOpt = Annotated[bool, typer.Option(help="Also write a score per training token (token_scores table)")]
-SaveConfigOpt = Annotated[Optional[Path], typer.Option(
-    help="Write this command's YAML config (for `rayattr run` / `ray job submit ... jobs/`) and exit")]
 KeepGradientsOpt = Annotated[bool, typer.Option(help="Also store the training gradients computed on the fly (gradients table)")]
 
 
@@ -514,8 +514,8 @@ def query_command(
     prompt_column: PromptColumnOpt = None,
     completion_column: CompletionColumnOpt = None,
     k: Annotated[int, typer.Option("-k", "--k", help="Training rows to show per query")] = 10,
-    unit_norm: Annotated[bool, typer.Option("--unit-norm", help="Rank by cosine instead of inner product")] = False,
-    hessian: Annotated[str | None, typer.Option(help="Statistics directory: H^-1 on the query (H^-1/2 both sides with --unit-norm)")] = None,
+    unit_norm: Annotated[bool, typer.Option("--unit-norm", "--unit-normalize", help="Rank by cosine instead of inner product")] = False,
+    hessian: Annotated[str | None, typer.Option("--hessian", "--hessian-path", help="Statistics directory: H^-1 on the query (H^-1/2 both sides with --unit-norm)")] = None,
     ann: Annotated[bool, typer.Option(help="Approximate search with the index from `rayattr index --ann`")] = False,
     nprobes: Annotated[int, typer.Option(help="IVF partitions searched (--ann)")] = 20,
     refine_factor: Annotated[int, typer.Option(help="Candidates re-ranked exactly, as a multiple of k (--ann)")] = 10,

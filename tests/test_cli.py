@@ -141,3 +141,20 @@ def test_reduce_and_score_commands(ray_session, tmp_path, offline_fixture):
     assert inner.exit_code == 1 and "unit-normalized but scoring is by inner product" in " ".join(inner.output.split())
     neither = runner.invoke(app, ["score", str(tmp_path / "bad"), "--query-path", str(tmp_path / "query")])
     assert neither.exit_code == 1 and "--index-path" in neither.output
+
+
+def test_save_config_then_run_it(ray_session, tmp_path, offline_fixture):
+    from rayattr.runconfig import BuildConfig, load_config
+
+    run, config = str(tmp_path / "run"), tmp_path / "build.yaml"
+    saved = _build(run, str(offline_fixture.neox), str(offline_fixture.train), "--split", "train[:12]",
+                   "--save-config", str(config))
+    assert saved.exit_code == 0, saved.output
+    assert "jobs/build.py" in " ".join(saved.output.split()) and not (tmp_path / "run").exists()
+    command, loaded = load_config(config)
+    assert command == "build" and isinstance(loaded, BuildConfig) and loaded.spec.grads.projection_dim == 4
+    ran = runner.invoke(app, ["run", str(config)])
+    assert ran.exit_code == 0, ran.output
+    assert open_index(run).count() == 12
+    wrong = runner.invoke(app, ["run", str(tmp_path / "missing.yaml")])
+    assert wrong.exit_code == 1 and "cannot read run config" in wrong.output
