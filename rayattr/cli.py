@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from rayattr import config
+from rayattr import config, storage
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec
 from rayattr.score import AGGREGATIONS, SCORE_MODES
 
@@ -223,7 +223,7 @@ def hessian(
     spec = _run_spec(model, dataset, **options)
     if _saved(save_config, HessianConfig(run_path, spec, method.value, workers)):
         return
-    out = str(Path(run_path) / "stats")
+    out = storage.join(run_path, "stats")
     with console.status(f"fitting {method.value}"):
         summary = fit(out, spec, method.value, workers=workers, ray_address=ray_address)
     table = Table("module", "gradient shape", "top eigenvalue", "condition number", title=(

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from rayattr import storage
 from rayattr.config import RayattrError, RunSpec, from_dict, to_dict
 from rayattr.ray.score import ScoreSettings
 from rayattr.trackstar import TrackstarSpec
@@ -63,18 +64,16 @@ def command_of(config: Any) -> str:
     return next(name for name, cls in CONFIG_TYPES.items() if isinstance(config, cls))
 
 
-def save_config(path: str | Path, config: Any) -> Path:
-    """Write ``config`` under its command's key."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump({command_of(config): to_dict(config)}, sort_keys=False))
-    return path
+def save_config(path: str | Path, config: Any) -> str:
+    """Write ``config`` under its command's key (a local path or a URI)."""
+    storage.write_bytes(str(path), yaml.safe_dump({command_of(config): to_dict(config)}, sort_keys=False).encode())
+    return str(path)
 
 
 def load_config(path: str | Path, expected: str | None = None) -> tuple[str, Any]:
     """``(command, config)`` from a YAML file; ``expected`` names the only command accepted."""
     try:
-        payload = yaml.safe_load(Path(path).read_text())
+        payload = yaml.safe_load(storage.read_bytes(str(path)))
     except (OSError, yaml.YAMLError) as exc:
         raise RayattrError(f"cannot read run config {path}: {exc}") from exc
     if not isinstance(payload, dict) or len(payload) != 1 or next(iter(payload)) not in CONFIG_TYPES:
@@ -97,7 +96,7 @@ def run_config(command: str, config: Any, *, resume: bool = False, ray_address: 
     if command == "build":
         return build(config.run_path, config.spec, workers=config.workers, ray_address=ray_address, on_progress=progress)
     if command == "hessian":
-        return fit(str(Path(config.run_path) / "stats"), config.spec, config.method, workers=config.workers,
+        return fit(storage.join(config.run_path, "stats"), config.spec, config.method, workers=config.workers,
                    ray_address=ray_address)
     if command == "score":
         return score(config.run_path, config.query_path, config.settings, spec=config.spec, index_path=config.index_path,

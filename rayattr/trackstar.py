@@ -16,9 +16,9 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
+from rayattr import storage
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec, stable_hash, to_dict
 from rayattr.data import sample_split
 
@@ -76,34 +76,35 @@ class Steps:
     """Markers of completed steps: a step runs unless its marker says it is done."""
 
     def __init__(self, spec: TrackstarSpec, resume: bool, on_step: Callable[[StepReport], None] | None) -> None:
-        self.root = Path(spec.run_path) / STEPS_DIR
+        self.root = storage.join(spec.run_path, STEPS_DIR)
         self.fingerprint = spec.fingerprint
         self.on_step = on_step
         self.reports: list[StepReport] = []
-        done = sorted(self.root.glob("*.json")) if self.root.exists() else []
+        done = storage.list_files(self.root, ".json")
         if done and not resume:
             raise RayattrError(f"{spec.run_path} already holds a trackstar run; pass --resume to continue it, or a new RUN_PATH")
         for marker in done:
-            if json.loads(marker.read_text()).get("fingerprint") != self.fingerprint:
+            if self._record(marker).get("fingerprint") != self.fingerprint:
                 raise RayattrError(
-                    f"{spec.run_path} was made with other settings (see {Path(spec.run_path) / CONFIG_FILE}); "
+                    f"{spec.run_path} was made with other settings (see {storage.join(spec.run_path, CONFIG_FILE)}); "
                     "resume it with those settings, or use a new RUN_PATH"
                 )
 
+    def _record(self, marker: str) -> dict[str, Any]:
+        return json.loads(storage.read_bytes(storage.join(self.root, marker)))
+
     def run(self, name: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Run ``work`` unless ``name`` is done; returns its recorded detail either way."""
-        marker = self.root / f"{name}.json"
-        if marker.exists():
-            record = json.loads(marker.read_text())
+        marker = f"{name}.json"
+        if storage.exists(storage.join(self.root, marker)):
+            record = self._record(marker)
             self._report(StepReport(name, True, record["seconds"], record["detail"]))
             return record["detail"]
         start = time.perf_counter()
         detail = work()
         seconds = time.perf_counter() - start
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "seconds": seconds, "detail": detail}))
-        tmp.replace(marker)
+        record = {"fingerprint": self.fingerprint, "seconds": seconds, "detail": detail}
+        storage.write_bytes(storage.join(self.root, marker), json.dumps(record).encode())
         self._report(StepReport(name, False, seconds, detail))
         return detail
 
@@ -122,16 +123,16 @@ def trackstar(spec: TrackstarSpec, *, resume: bool = False, ray_address: str | N
     from rayattr.ray.fit import fit
     from rayattr.ray.score import ScoreSettings, reduce, score
 
-    root = Path(spec.run_path)
+    root = spec.run_path
     from rayattr.runconfig import save_config
 
     steps = Steps(spec, resume, on_step)
-    save_config(Path(spec.run_path) / CONFIG_FILE, spec)
+    save_config(storage.join(spec.run_path, CONFIG_FILE), spec)
     sample = dataclasses.replace(spec.train, split=sample_split(spec.train.split, spec.stats_sample_size))
     common = {"workers": spec.workers, "ray_address": ray_address}
     grads = spec.grads
     if spec.normalizer != "none":
-        out = str(root / "normalizer")
+        out = storage.join(root, "normalizer")
 
         def make_normalizer() -> dict[str, Any]:
             if spec.optimizer_state:
@@ -143,15 +144,15 @@ def trackstar(spec: TrackstarSpec, *, resume: bool = False, ray_address: str | N
 
         steps.run("normalizer", make_normalizer)
         grads = dataclasses.replace(grads, normalizer=out)
-    index_stats, query_stats = str(root / "index_stats"), str(root / "query_stats")
+    index_stats, query_stats = storage.join(root, "index_stats"), storage.join(root, "query_stats")
     steps.run("index_stats", lambda: _summary(fit(index_stats, RunSpec(spec.model, sample, grads), "second-moment", **common)))
     hessian = index_stats
     if spec.mix:
         steps.run("query_stats", lambda: _summary(fit(query_stats, RunSpec(spec.model, spec.query, grads), "second-moment", **common)))
-        hessian = str(root / "mixed")
+        hessian = storage.join(root, "mixed")
         steps.run("mixed", lambda: dict(zip(("lambda", "k"), mix_stats(query_stats, index_stats, hessian,
                                                                           spec.target_downweight_components))))
-    query_path = str(root / "query")
+    query_path = storage.join(root, "query")
     steps.run("query", lambda: _progress(reduce(query_path, RunSpec(spec.model, spec.query, grads), aggregation="none",
                                                 unit_normalize=True, hessian=hessian, **common)))
     settings = ScoreSettings(unit_normalize=True, hessian=hessian, per_token=spec.per_token, top_k=spec.top_k,

@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from rayattr import storage
 from rayattr.config import RayattrError, stable_hash
 
 NormalizerKind = Literal["adam", "adafactor"]
@@ -86,23 +88,22 @@ class Normalizer:
                 )
 
     def save(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        """Tensors first, manifest last: a directory with a manifest is complete."""
         flat = {f"{name}::{key}": t.contiguous().float() for name, m in self.moments.items() for key, t in m.items()}
-        save_file(flat, str(directory / TENSORS))
+        storage.write_bytes(storage.join(str(directory), TENSORS), save_safetensors(flat))
         manifest = {"kind": self.kind, "source": self.source, "fingerprint": self.fingerprint, "modules": sorted(self.moments)}
-        (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        storage.write_bytes(storage.join(str(directory), MANIFEST), json.dumps(manifest, indent=2).encode())
 
     @classmethod
     def load(cls, directory: str | Path) -> Normalizer:
         """Load from safetensors + JSON only; the stored fingerprint must match the numbers."""
-        directory = Path(directory)
-        if not (directory / MANIFEST).exists() or not (directory / TENSORS).exists():
+        manifest_uri, tensors_uri = storage.join(str(directory), MANIFEST), storage.join(str(directory), TENSORS)
+        if not storage.exists(manifest_uri) or not storage.exists(tensors_uri):
             raise RayattrError(f"{directory} is not a normalizer directory (no {MANIFEST}/{TENSORS}); "
                                "create one with `rayattr normalizer`")
-        manifest = json.loads((directory / MANIFEST).read_text())
+        manifest = json.loads(storage.read_bytes(manifest_uri))
         moments: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in load_file(str(directory / TENSORS)).items():
+        for key, tensor in load_safetensors(storage.read_bytes(tensors_uri)).items():
             name, part = key.rsplit("::", 1)
             moments.setdefault(name, {})[part] = tensor
         normalizer = cls(manifest["kind"], moments, manifest.get("source", str(directory)))

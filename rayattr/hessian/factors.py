@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from rayattr import storage
 from rayattr.config import RayattrError, stable_hash
 
 InversionMode = Literal["damped_inverse", "pseudoinverse", "tikhonov_filtered"]
@@ -228,16 +228,6 @@ def module_filename(module: str) -> str:
     return f"module-{stable_hash(module, length=32)}.safetensors"
 
 
-def _write_atomic(path: Path, payload: bytes) -> None:
-    """Write to a temporary sibling, fsync, then rename over ``path`` (atomic on POSIX)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def save_stats(directory: str | Path, tensors: dict[str, dict[str, torch.Tensor]], manifest: dict) -> None:
     """Save per-module statistics as one safetensors file each plus ``manifest.json``.
 
@@ -248,9 +238,8 @@ def save_stats(directory: str | Path, tensors: dict[str, dict[str, torch.Tensor]
     reserved = [key for key in _RESERVED_MANIFEST_KEYS if key in manifest]
     if reserved:
         raise RayattrError(f"manifest keys {reserved} are reserved by save_stats; rename them")
-    root = Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / MANIFEST).unlink(missing_ok=True)
+    root = str(directory)
+    storage.remove(storage.join(root, MANIFEST))
     files: dict[str, dict[str, Any]] = {}
     used: dict[str, str] = {}
     for module, named in tensors.items():
@@ -261,14 +250,14 @@ def save_stats(directory: str | Path, tensors: dict[str, dict[str, torch.Tensor]
         # clone: safetensors refuses tensors that share storage (e.g. views of one buffer)
         cpu = {key: t.detach().to("cpu").contiguous().clone() for key, t in named.items()}
         payload = save_safetensors(cpu)
-        _write_atomic(root / name, payload)
+        storage.write_bytes(storage.join(root, name), payload)
         files[module] = {
             "file": name,
             "sha256": hashlib.sha256(payload).hexdigest(),
             "tensors": {key: list(t.shape) for key, t in cpu.items()},
         }
     body = {**manifest, "files": files, "format_version": FORMAT_VERSION}
-    _write_atomic(root / MANIFEST, json.dumps(body, indent=2, sort_keys=True).encode())
+    storage.write_bytes(storage.join(root, MANIFEST), json.dumps(body, indent=2, sort_keys=True).encode())
 
 
 def load_stats(directory: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
@@ -277,13 +266,13 @@ def load_stats(directory: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
     Uses safetensors only (never pickle). Returns ``(tensors, manifest)`` where
     ``manifest`` is the stored JSON, including ``files`` and ``format_version``.
     """
-    root = Path(directory)
-    manifest_path = root / MANIFEST
+    root = str(directory)
+    manifest_path = storage.join(root, MANIFEST)
     refit = "re-run the fit to regenerate the statistics"
-    if not manifest_path.is_file():
+    if not storage.exists(manifest_path):
         raise RayattrError(f"missing statistics manifest {manifest_path}; {refit}")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(storage.read_bytes(manifest_path))
         files = manifest["files"]
         if not isinstance(files, dict):
             raise TypeError("'files' is not a mapping")
@@ -300,18 +289,18 @@ def load_stats(directory: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
     return tensors, manifest
 
 
-def _load_module_file(root: Path, module: str, entry: dict, refit: str) -> dict[str, torch.Tensor]:
+def _load_module_file(root: str, module: str, entry: dict, refit: str) -> dict[str, torch.Tensor]:
     """One module's tensors, checked against its manifest entry."""
     try:
         name, checksum, expected = entry["file"], entry["sha256"], entry["tensors"]
     except (KeyError, TypeError) as exc:
-        raise RayattrError(f"malformed manifest entry for module {module!r} in {root / MANIFEST}; {refit}") from exc
+        raise RayattrError(f"malformed manifest entry for module {module!r} in {storage.join(root, MANIFEST)}; {refit}") from exc
     if not isinstance(name, str) or Path(name).name != name:
         raise RayattrError(f"manifest entry for module {module!r} names a path outside {root}: {name!r}; {refit}")
-    path = root / name
-    if not path.is_file():
+    path = storage.join(root, name)
+    if not storage.exists(path):
         raise RayattrError(f"missing statistics file {path} (module {module!r}); {refit}")
-    payload = path.read_bytes()
+    payload = storage.read_bytes(path)
     digest = hashlib.sha256(payload).hexdigest()
     if digest != checksum:
         raise RayattrError(

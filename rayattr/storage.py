@@ -1,0 +1,81 @@
+"""Small files by URI: a local path, or anything pyarrow's filesystems open (s3://, gs://, file://...).
+
+Statistics, normalizers, run configs and step markers go through here, so a
+run path on an object store needs no shared filesystem between nodes. Writes
+are atomic: a temporary sibling renamed over the target locally, a single
+object PUT on object stores.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+
+import pyarrow.fs as pafs
+
+from rayattr.config import RayattrError
+
+
+def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in uri:
+        try:
+            return pafs.FileSystem.from_uri(uri)
+        except (ValueError, OSError) as exc:  # ArrowInvalid is a ValueError
+            raise RayattrError(f"cannot open {uri!r} ({exc}); check the URI scheme and credentials") from exc
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in str(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    """``uri/part/...`` for local paths and URIs alike."""
+    uri = str(uri)
+    return posixpath.join(uri, *parts) if not is_local(uri) else os.path.join(uri, *parts)
+
+
+def exists(uri: str) -> bool:
+    fs, path = _resolve(str(uri))
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = _resolve(str(uri))
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def write_bytes(uri: str, payload: bytes) -> None:
+    """Write ``payload`` to ``uri`` atomically, creating parent directories."""
+    uri = str(uri)
+    if is_local(uri):
+        path = os.path.abspath(uri)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        return
+    fs, path = _resolve(uri)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(payload)
+
+
+def remove(uri: str) -> None:
+    """Delete a file if it exists."""
+    fs, path = _resolve(str(uri))
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Names of the files directly under ``uri`` ending in ``suffix`` (empty when it does not exist)."""
+    fs, path = _resolve(str(uri))
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
