@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from rayattr import config, storage
-from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec
+from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec, check_zero_stage
 from rayattr.score import AGGREGATIONS, SCORE_MODES
 
 app = typer.Typer(help="Gradient-based training-data attribution on Ray.", no_args_is_help=True, add_completion=False)
@@ -94,6 +94,8 @@ ModulesOpt = Annotated[Optional[list[str]], typer.Option(help="Glob of module na
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option(help="Glob of module names to exclude (repeatable)")]
 TokenBatchOpt = Annotated[int, typer.Option(help="Padded tokens per forward/backward batch")]
 WorkersOpt = Annotated[int, typer.Option(help="Worker actors, each with a model replica (one GPU each when there are GPUs)")]
+ZeroStageOpt = Annotated[int, typer.Option(
+    help="3: partition the model over the --workers with DeepSpeed ZeRO-3 (models too large for one device); 0: a replica each")]
 PrecisionOpt = Annotated[Precision, typer.Option(help="Model weights dtype")]
 NormalizerOpt = Annotated[Optional[str], typer.Option(help="Normalizer directory from `rayattr normalizer`")]
 RayAddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")]
@@ -210,6 +212,7 @@ def hessian(
     method: Annotated[Method, typer.Option(help="second-moment (any projection), kfac or ekfac (--projection-dim 0)")] = Method.second_moment,
     sample_size: Annotated[Optional[int], typer.Option(help="Use the first N rows of the split")] = None,
     workers: WorkersOpt = 1,
+    zero_stage: ZeroStageOpt = 0,
     ray_address: RayAddressOpt = None,
     save_config: SaveConfigOpt = None,
     options: dict | None = None,
@@ -221,11 +224,12 @@ def hessian(
 
     options["split"] = sample_split(options["split"], sample_size)
     spec = _run_spec(model, dataset, **options)
-    if _saved(save_config, HessianConfig(run_path, spec, method.value, workers)):
+    check_zero_stage(zero_stage)
+    if _saved(save_config, HessianConfig(run_path, spec, method.value, workers, zero_stage)):
         return
     out = storage.join(run_path, "stats")
     with console.status(f"fitting {method.value}"):
-        summary = fit(out, spec, method.value, workers=workers, ray_address=ray_address)
+        summary = fit(out, spec, method.value, workers=workers, ray_address=ray_address, zero_stage=zero_stage)
     table = Table("module", "gradient shape", "top eigenvalue", "condition number", title=(
         f"{method.value} -> {out}: {summary.examples:,} examples, {summary.tokens:,} tokens, {summary.seconds:.1f} s"))
     for name, row in summary.modules.items():
@@ -297,6 +301,7 @@ def score_command(
     per_token: PerTokenScoresOpt = False,
     keep_gradients: KeepGradientsOpt = False,
     workers: WorkersOpt = 1,
+    zero_stage: ZeroStageOpt = 0,
     ray_address: RayAddressOpt = None,
     save_config: SaveConfigOpt = None,
     options: dict | None = None,
@@ -309,11 +314,12 @@ def score_command(
         raise RayattrError("pass --model and --dataset to score on the fly, or --index-path to score a built table")
     spec = _run_spec(model, dataset, **options) if index_path is None else None
     settings = ScoreSettings(score.value, unit_normalize, hessian_path, per_token, top_k, query_batch_size, keep_gradients)
-    if _saved(save_config, ScoreConfig(run_path, query_path, settings, spec, index_path, workers)):
+    check_zero_stage(zero_stage)
+    if _saved(save_config, ScoreConfig(run_path, query_path, settings, spec, index_path, workers, zero_stage)):
         return
     with _progress_bar("score") as show:
         result = run_score(run_path, query_path, settings, spec=spec, index_path=index_path, workers=workers,
-                           ray_address=ray_address, on_progress=show)
+                           ray_address=ray_address, on_progress=show, zero_stage=zero_stage)
     _print_progress(f"score {run_path}", result.progress)
     _print_topk(result.topk, result.query_ids)
 
@@ -452,6 +458,7 @@ def build(
     model: ModelOpt,
     dataset: DatasetOpt,
     workers: WorkersOpt = 1,
+    zero_stage: ZeroStageOpt = 0,
     dtype: Annotated[VectorDtype, typer.Option(help="Stored vector dtype")] = VectorDtype.float32,
     per_token: Annotated[bool, typer.Option(help="One row per token instead of per document")] = False,
     ray_address: RayAddressOpt = None,
@@ -463,10 +470,12 @@ def build(
     from rayattr.runconfig import BuildConfig
 
     spec = _run_spec(model, dataset, **options, dtype=dtype, per_token=per_token)
-    if _saved(save_config, BuildConfig(run_path, spec, workers)):
+    check_zero_stage(zero_stage)
+    if _saved(save_config, BuildConfig(run_path, spec, workers, zero_stage)):
         return
     with _progress_bar("build") as show:
-        result = run_build(run_path, spec, workers=workers, ray_address=ray_address, on_progress=show)
+        result = run_build(run_path, spec, workers=workers, ray_address=ray_address, on_progress=show,
+                           zero_stage=zero_stage)
     _print_progress(f"build {run_path}", result)
 
 

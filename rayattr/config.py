@@ -19,6 +19,9 @@ ProjectionType = Literal["rademacher", "normal"]
 VectorDtype = Literal["float16", "float32"]
 
 
+ZERO_STAGES = (0, 3)  # 0: a model replica per worker; 3: parameters partitioned over the workers
+
+
 class RayattrError(Exception):
     """An error caused by user input or state, with a message that names the fix.
 
@@ -31,6 +34,15 @@ def stable_hash(payload: Any, length: int = 16) -> str:
     """Hex digest of a JSON-serialisable payload, independent of dict order."""
     text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def check_zero_stage(stage: int) -> None:
+    """Refuse ZeRO stages other than 0 (replicas) and 3 before any worker starts."""
+    if stage not in ZERO_STAGES:
+        raise RayattrError(
+            f"--zero-stage {stage} is not supported: use 3 to partition the model over the workers, or 0 for a "
+            "replica per worker (stages 1 and 2 partition optimizer state and weight gradients, which attribution has none of)"
+        )
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -86,7 +87,7 @@ def model_fingerprint(model: nn.Module, spec: ModelSpec) -> dict[str, str]:
         config.pop(volatile, None)
     digest = hashlib.sha256()
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for name, param in whole_parameters(model):
             p = param.detach().to("cpu", torch.float64)  # same digest on any device
             digest.update(f"{name}:{tuple(p.shape)}:{p.sum().item():.9e}:{p.square().sum().item():.9e}".encode())
     name = spec.model if "://" in spec.model or not Path(spec.model).exists() else Path(spec.model).name
@@ -96,3 +97,21 @@ def model_fingerprint(model: nn.Module, spec: ModelSpec) -> dict[str, str]:
         "config": stable_hash(config),
         "weights": digest.hexdigest()[:16],
     }
+
+
+def whole_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """``named_parameters`` with each parameter whole while the caller reads it.
+
+    A ZeRO-3 partitioned parameter is gathered for that moment and released
+    after, so a digest of a partitioned model equals the replica's and no
+    worker ever holds the whole model. Gathering is a collective: every worker
+    of the group must walk the parameters together.
+    """
+    for name, param in model.named_parameters():
+        if not hasattr(param, "ds_id"):
+            yield name, param
+            continue
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param]):
+            yield name, param

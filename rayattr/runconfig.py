@@ -30,6 +30,7 @@ class BuildConfig:
     run_path: str
     spec: RunSpec
     workers: int = 1
+    zero_stage: int = 0  # 3: the model partitioned over the workers (DeepSpeed ZeRO-3) instead of replicated
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class HessianConfig:
     spec: RunSpec
     method: str = "second-moment"
     workers: int = 1
+    zero_stage: int = 0
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class ScoreConfig:
     spec: RunSpec | None = None
     index_path: str | None = None
     workers: int = 1
+    zero_stage: int = 0
 
 
 CONFIG_TYPES: dict[str, type] = {
@@ -94,13 +97,14 @@ def run_config(command: str, config: Any, *, resume: bool = False, ray_address: 
 
     progress = _progress_logger(command, log)
     if command == "build":
-        return build(config.run_path, config.spec, workers=config.workers, ray_address=ray_address, on_progress=progress)
+        return build(config.run_path, config.spec, workers=config.workers, ray_address=ray_address, on_progress=progress,
+                     zero_stage=config.zero_stage)
     if command == "hessian":
         return fit(storage.join(config.run_path, "stats"), config.spec, config.method, workers=config.workers,
-                   ray_address=ray_address)
+                   ray_address=ray_address, zero_stage=config.zero_stage)
     if command == "score":
         return score(config.run_path, config.query_path, config.settings, spec=config.spec, index_path=config.index_path,
-                     workers=config.workers, ray_address=ray_address, on_progress=progress)
+                     workers=config.workers, ray_address=ray_address, on_progress=progress, zero_stage=config.zero_stage)
     return trackstar(config, resume=resume, ray_address=ray_address, on_step=lambda step: log(step.describe()))
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from rayattr.store import ScoreTable
+
 
 def assert_rows_close(actual: np.ndarray, expected: np.ndarray, tol: float = 1e-5) -> None:
     """Gradient rows equal up to float32 summation order: error relative to each row's largest entry.
@@ -15,3 +17,9 @@ def assert_rows_close(actual: np.ndarray, expected: np.ndarray, tol: float = 1e-
     scale = np.maximum(np.abs(expected).max(axis=1, keepdims=True), 1e-30)
     worst = float((np.abs(actual.astype(np.float64) - expected) / scale).max())
     assert worst <= tol, f"rows differ by {worst:.3g} of their scale (> {tol})"
+
+
+def read_scores(run_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, scores[n, Q])`` of a run's score table, sorted by id."""
+    table = ScoreTable.open(run_path).table.to_arrow().sort_by("id")
+    return table.column("id").to_numpy(), np.stack(table.column("scores").to_numpy(zero_copy_only=False))

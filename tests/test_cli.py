@@ -158,3 +158,16 @@ def test_save_config_then_run_it(ray_session, tmp_path, offline_fixture):
     assert open_index(run).count() == 12
     wrong = runner.invoke(app, ["run", str(tmp_path / "missing.yaml")])
     assert wrong.exit_code == 1 and "cannot read run config" in wrong.output
+
+
+def test_zero_stage_flag_is_saved_and_checked(tmp_path, offline_fixture):
+    from rayattr.runconfig import load_config
+
+    config = tmp_path / "build.yaml"
+    saved = _build(str(tmp_path / "run"), str(offline_fixture.neox), str(offline_fixture.train),
+                   "--workers", "2", "--zero-stage", "3", "--save-config", str(config))
+    assert saved.exit_code == 0, saved.output
+    assert load_config(config)[1].zero_stage == 3  # `rayattr run` and jobs/build.py partition the model too
+    refused = _build(str(tmp_path / "run"), str(offline_fixture.neox), str(offline_fixture.train), "--zero-stage", "1")
+    assert refused.exit_code == 1 and "--zero-stage 1 is not supported" in " ".join(refused.output.split())
+    assert not (tmp_path / "run").exists()

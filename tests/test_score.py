@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import read_scores
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec
@@ -104,11 +105,6 @@ def unit(rows: np.ndarray) -> np.ndarray:
 
 def rel_err(got: np.ndarray, expected: np.ndarray) -> float:
     return float(np.abs(got - expected).max() / np.abs(expected).max())
-
-
-def read_scores(run_path: str) -> tuple[np.ndarray, np.ndarray]:
-    table = ScoreTable.open(run_path).table.to_arrow().sort_by("id")
-    return table.column("id").to_numpy(), np.stack(table.column("scores").to_numpy(zero_copy_only=False))
 
 
 @pytest.fixture(scope="module", params=[None, "adam", "adafactor"])

@@ -75,7 +75,8 @@ def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
     if isinstance(module, Conv1D):
-        in_features, out_features = module.weight.shape
+        # A ZeRO-3 partitioned weight is an empty placeholder that keeps its full shape in ``ds_shape``.
+        in_features, out_features = getattr(module.weight, "ds_shape", module.weight.shape)
         return out_features, in_features
     return None
 

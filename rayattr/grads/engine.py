@@ -112,12 +112,9 @@ class GradientEngine:
 
     def rows(self, docs: TokenizedDocs) -> GradientRows:
         """Gradient rows of ``docs`` in input order; docs without a loss token are skipped."""
-        lengths = np.array([len(t) for t in docs.tokens], dtype=np.int64)
-        has_target = lengths > np.maximum(docs.label_start, 1)
-        kept = np.flatnonzero(has_target)
+        lengths, has_target, batches = self._plan(docs)
         parts: list[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
-        for batch_index in token_budget_batches(lengths[kept], self.spec.token_batch_size):
-            index = kept[batch_index]
+        for index in batches:
             batch = collate(docs, index, self.pad_token_id, self.padding_side).to(self.device)
             out = self.collector.collect(batch)
             parts.append((index, out.grads, out.loss, out.row_example, out.row_token_pos))
@@ -125,11 +122,28 @@ class GradientEngine:
 
     def observe(self, docs: TokenizedDocs) -> None:
         """Run forward+backward over ``docs`` for the collector's tap only (no rows)."""
-        lengths = np.array([len(t) for t in docs.tokens], dtype=np.int64)
-        kept = np.flatnonzero(lengths > np.maximum(docs.label_start, 1))
-        for batch_index in token_budget_batches(lengths[kept], self.spec.token_batch_size):
-            self.collector.collect(collate(docs, kept[batch_index], self.pad_token_id, self.padding_side).to(self.device),
+        for index in self._plan(docs)[2]:
+            self.collector.collect(collate(docs, index, self.pad_token_id, self.padding_side).to(self.device),
                                    emit_rows=False)
+
+    def passes(self, docs: TokenizedDocs) -> int:
+        """How many forward+backward passes ``rows`` or ``observe`` run for ``docs``."""
+        return len(self._plan(docs)[2])
+
+    def idle_pass(self) -> None:
+        """One forward+backward over a fully masked one-document batch: it yields no row
+        and shows a tap no token. Workers sharing ZeRO-3 partitions run these to match
+        the pass count of a worker with more data (each module's gather is a collective)."""
+        empty = torch.zeros((1, 2), dtype=torch.bool)
+        batch = TokenBatch(torch.full((1, 2), self.pad_token_id, dtype=torch.long), empty, empty, empty.long())
+        self.collector.collect(batch.to(self.device))
+
+    def _plan(self, docs: TokenizedDocs) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """Token counts, which docs have a loss token, and the token-budget batches (doc indices) of those."""
+        lengths = np.array([len(t) for t in docs.tokens], dtype=np.int64)
+        has_target = lengths > np.maximum(docs.label_start, 1)
+        kept = np.flatnonzero(has_target)
+        return lengths, has_target, [kept[b] for b in token_budget_batches(lengths[kept], self.spec.token_batch_size)]
 
     def _assemble(self, docs: TokenizedDocs, lengths: np.ndarray, parts: list, skipped: np.ndarray) -> GradientRows:
         """Concatenate batch outputs and restore input order (docs, then tokens)."""

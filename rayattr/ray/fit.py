@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import partial
 
 import ray
 import torch
 
-from rayattr.config import RayattrError, RunSpec, stable_hash
+from rayattr.config import RayattrError, RunSpec, check_zero_stage, stable_hash
 from rayattr.data import Shard, TokenizedDocs
-from rayattr.grads.engine import engine_for
+from rayattr.grads.engine import GradientEngine, engine_for
 from rayattr.grads.normalizer import Normalizer, NormalizerKind
 from rayattr.hessian.factors import save_stats
 from rayattr.hessian.stats import METHODS, RowAccumulator, Sums, TokenAccumulator
@@ -26,6 +28,30 @@ from rayattr.ray.reduce import eigh_all, tree_reduce
 from rayattr.store import TableMeta
 
 DOCS_PER_STEP = 256
+
+
+class StatsPass:
+    """One statistics pass on one engine: K-FAC taps per-token factors, the other
+    methods add finished rows. Replica actors and ZeRO workers both feed it."""
+
+    def __init__(self, engine: GradientEngine, method: str, eigenbases: Sums | None = None) -> None:
+        self.engine = engine
+        self.method = method
+        if method == "kfac":
+            self.accumulator = engine.collector.tap = TokenAccumulator(engine.layouts)
+        else:
+            self.accumulator = RowAccumulator(method, engine.layouts, eigenbases)
+
+    def __call__(self, docs: TokenizedDocs) -> None:
+        if self.method == "kfac":
+            self.engine.observe(docs)
+        else:
+            self.accumulator.update(torch.from_numpy(self.engine.rows(docs).grads))
+
+    def close(self) -> Sums:
+        """Detach from the engine and return the partial sums."""
+        self.engine.collector.tap = None
+        return self.accumulator.sums
 
 
 @ray.remote
@@ -39,23 +65,16 @@ class StatsWorker:
 
     @ray.method(num_returns=2)
     def consume(self, stream, method: str, eigenbases: Sums | None = None) -> tuple[Sums, TableMeta]:
-        if method == "kfac":
-            accumulator = TokenAccumulator(self.engine.layouts)
-            self.engine.collector.tap = accumulator
-        else:
-            accumulator = RowAccumulator(method, self.engine.layouts, eigenbases)
+        stats = StatsPass(self.engine, method, eigenbases)
         try:
             for batch in stream.iter_batches(batch_size=DOCS_PER_STEP, batch_format="pyarrow"):
                 docs = TokenizedDocs.from_arrow(batch)
                 started = time.perf_counter()
-                if method == "kfac":
-                    self.engine.observe(docs)
-                else:
-                    accumulator.update(torch.from_numpy(self.engine.rows(docs).grads))
+                stats(docs)
                 self.busy_seconds += time.perf_counter() - started
         finally:
-            self.engine.collector.tap = None
-        return accumulator.sums, self.meta
+            sums = stats.close()
+        return sums, self.meta
 
     def report(self) -> tuple[float, float]:
         """``(seconds spent computing, peak RSS in MB)`` of this actor, for the fit summary."""
@@ -78,46 +97,73 @@ def _pass(spec: RunSpec, shards: list[Shard], actors: list, method: str, eigenba
     splits = token_stream(spec, shard_items(shards)).streaming_split(len(actors), equal=False)
     bases_ref = ray.put(eigenbases) if eigenbases is not None else None
     sums_refs, meta_refs = zip(*(actor.consume.remote(split, method, bases_ref) for actor, split in zip(actors, splits)))
-    metas = ray.get(list(meta_refs))
+    return ray.get(tree_reduce(list(sums_refs))), same_meta(ray.get(list(meta_refs)))
+
+
+def same_meta(metas: list[TableMeta]) -> TableMeta:
+    """The one table description all workers agree on."""
     if any(m != metas[0] for m in metas):
         raise RayattrError("workers loaded different models or settings; make every node load the same checkpoint")
-    return ray.get(tree_reduce(list(sums_refs))), metas[0]
+    return metas[0]
 
 
 def fit(out_dir: str, spec: RunSpec, method: str, *, workers: int = 1, ray_address: str | None = None,
-        normalizer_kind: NormalizerKind = "adafactor") -> FitSummary:
+        normalizer_kind: NormalizerKind = "adafactor", zero_stage: int = 0) -> FitSummary:
     """Fit ``method`` statistics of ``spec.data`` and save them under ``out_dir``.
 
     second-moment: ``H = E[p p^T]`` per module with its eigendecomposition;
     kfac: ``A``, ``S`` and their eigenbases; ekfac: K-FAC plus the corrected
     eigenvalues ``Lambda``; normalizer: an Adam/Adafactor normalizer fitted from data.
+    ``zero_stage=3`` partitions the model over the workers (``rayattr.ray.zero``).
     """
-    if method not in METHODS:
-        raise RayattrError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    check_method(method)
+    check_zero_stage(zero_stage)
+    if zero_stage:
+        from rayattr.ray.zero import zero_fit
+
+        return zero_fit(out_dir, spec, method, workers=workers, ray_address=ray_address, normalizer_kind=normalizer_kind)
     start = time.perf_counter()
     shards = prepare(spec, ray_address)
     resources = WorkerResources.plan(workers)
     actors = [StatsWorker.options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, scheduling_strategy="SPREAD")
               .remote(spec, resources.threads) for _ in range(workers)]
+    summary = fit_passes(out_dir, spec, method, partial(_pass, spec, shards, actors), normalizer_kind)
+    busy, rss = _report(actors)
+    return replace(summary, seconds=time.perf_counter() - start, worker_compute_seconds=busy, worker_peak_rss_mb=rss)
+
+
+def check_method(method: str) -> None:
+    """Refuse an unknown method before any worker starts."""
+    if method not in METHODS:
+        raise RayattrError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+RunPass = Callable[[str, Sums | None], tuple[Sums, TableMeta]]  # (pass method, eigenbases) -> reduced sums, meta
+
+
+def fit_passes(out_dir: str, spec: RunSpec, method: str, run_pass: RunPass, normalizer_kind: NormalizerKind) -> FitSummary:
+    """Run the passes ``method`` needs through ``run_pass``, finish and save the result.
+
+    Everything after the reduction, shared by replica actors and ZeRO worker
+    groups; the caller fills in the timings.
+    """
     if method == "normalizer":
-        sums, meta = _pass(spec, shards, actors, "normalizer")
+        sums, meta = run_pass("normalizer", None)
         normalizer = fitted_normalizer(sums, normalizer_kind, source=f"fitted on {spec.data.dataset} [{spec.data.split}]")
         normalizer.save(out_dir)
-        count = int(next(iter(sums.values()))["count"])
-        return FitSummary(method, count, 0, time.perf_counter() - start, {}, *_report(actors))
-    sums, meta = _pass(spec, shards, actors, "kfac" if method in ("kfac", "ekfac") else "second-moment")
+        return FitSummary(method, int(next(iter(sums.values()))["count"]), 0, 0.0)
+    sums, meta = run_pass("kfac" if method in ("kfac", "ekfac") else "second-moment", None)
     tensors, summary = (_finish_second_moment if method == "second-moment" else _finish_kfac)(sums)
     if method == "ekfac":
         bases = {name: {"q_out": t["q_out"], "q_in": t["q_in"]} for name, t in tensors.items()}
-        corrections, _ = _pass(spec, shards, actors, "ekfac", bases)
+        corrections, _ = run_pass("ekfac", bases)
         for name, sums_m in corrections.items():
             tensors[name]["lambda"] = sums_m["lambda_sum"] / sums_m["count"]
             summary["examples"] = int(sums_m["count"])
     for module in meta.modules:
         summary["modules"][module["name"]]["shape"] = f"{module['p_out']}x{module['p_in']}"
     save_stats(out_dir, tensors, stats_manifest(method, meta, summary))
-    return FitSummary(method, summary["examples"], summary["tokens"], time.perf_counter() - start, summary["modules"],
-                      *_report(actors))
+    return FitSummary(method, summary["examples"], summary["tokens"], 0.0, summary["modules"])
 
 
 def _report(actors: list) -> tuple[float, float]:

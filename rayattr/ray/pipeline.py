@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,13 +20,13 @@ import pyarrow.compute as pc
 import ray
 import torch
 
-from rayattr.config import DataSpec, GradSpec, RayattrError, RunSpec
+from rayattr.config import DataSpec, GradSpec, RayattrError, RunSpec, check_zero_stage
 from rayattr.data import Shard, TokenizedDocs, plan_shards, read_shard, tokenize
 from rayattr.grads.collector import select_modules
-from rayattr.grads.engine import engine_for
+from rayattr.grads.engine import GradientEngine, engine_for
 from rayattr.model import load_config, load_tokenizer, max_positions
 from rayattr.score import QueryPreprocess
-from rayattr.store import GRADIENTS, GradientTable, RowTable, table_exists
+from rayattr.store import GRADIENTS, GradientTable, RowTable, TableMeta, table_exists
 
 DOCS_PER_WRITE = 256
 TOKENIZE_CPUS = 0.5
@@ -101,9 +102,10 @@ class GradientWorker:
     """
 
     def __init__(self, spec: RunSpec, run_path: str, threads: int, table: str = GRADIENTS,
-                 query: QueryPreprocess | None = None) -> None:
+                 query: QueryPreprocess | None = None, loaded: tuple[GradientEngine, TableMeta] | None = None) -> None:
+        """``loaded``: an engine the caller built (a ZeRO-3 worker's), instead of a replica from ``spec``."""
         torch.set_num_threads(threads)
-        self.engine, meta = engine_for(spec)
+        self.engine, meta = loaded or engine_for(spec)
         self.preprocess = None
         if query is not None:
             self.preprocess = query.load()
@@ -227,13 +229,24 @@ def build(
     on_progress: Callable[[BuildProgress], None] | None = None,
     table: str = GRADIENTS,
     query: QueryPreprocess | None = None,
+    zero_stage: int = 0,
 ) -> BuildProgress:
-    """Write the gradient table of ``spec.data`` into ``run_path``; resumes an existing one."""
+    """Write the gradient table of ``spec.data`` into ``run_path``; resumes an existing one.
+
+    ``zero_stage=3`` partitions the model over the workers instead of giving
+    each a replica (``rayattr.ray.zero``); the table is the same.
+    """
+    check_zero_stage(zero_stage)
+    if zero_stage:
+        if query is not None:
+            raise RayattrError("query sets are small: reduce them with model replicas (drop --zero-stage)")
+        from rayattr.ray.zero import zero_build
+
+        return zero_build(run_path, spec, workers=workers, ray_address=ray_address, on_progress=on_progress,
+                          docs_per_write=docs_per_write, table=table)
     progress = BuildProgress(total_docs=0)
-    shards = prepare(spec, ray_address)
+    items = plan_build(run_path, spec, ray_address, table, progress)
     resources = WorkerResources.plan(workers)
-    items = resume_plan(shards, GradientTable.open(run_path, table) if table_exists(run_path, table) else None)
-    progress.total_docs = sum(s["num_rows"] - len(s["done_ids"]) for s in items)
     if items:
         dataset = token_stream(spec, items).map_batches(
             GradientWorker,
@@ -243,16 +256,36 @@ def build(
             fn_constructor_kwargs=dict(spec=spec, run_path=run_path, threads=resources.threads, table=table, query=query),
         )
         drain(dataset, progress, on_progress)
-        written = GradientTable.open(run_path, table)
-        progress.duplicates_removed = written.deduplicate()
-        written.optimize()
+        finish_build(run_path, table, progress)
     progress.finish()
     return progress
 
 
+def plan_build(run_path: str, spec: RunSpec, ray_address: str | None, table: str, progress: BuildProgress) -> list[dict]:
+    """The shard items a build still has to write (ids already in the table drop out); sets ``progress.total_docs``."""
+    shards = prepare(spec, ray_address)
+    items = resume_plan(shards, GradientTable.open(run_path, table) if table_exists(run_path, table) else None)
+    progress.total_docs = sum(s["num_rows"] - len(s["done_ids"]) for s in items)
+    return items
+
+
+def finish_build(run_path: str, table: str, progress: BuildProgress) -> None:
+    """Repair rows committed twice (retried blocks, leftover workers) and compact the table."""
+    written = GradientTable.open(run_path, table)
+    progress.duplicates_removed = written.deduplicate()
+    written.optimize()
+
+
 def drain(dataset: ray.data.Dataset, progress: BuildProgress, on_progress: Callable[[BuildProgress], None] | None) -> None:
     """Run a plan whose workers return summary rows, counting them into ``progress``."""
-    for summary in _surface_user_errors(dataset.iter_batches(batch_size=None, batch_format="pyarrow")):
+    with user_errors():
+        count_summaries(dataset.iter_batches(batch_size=None, batch_format="pyarrow"), progress, on_progress)
+
+
+def count_summaries(summaries: Iterable[pa.Table], progress: BuildProgress,
+                    on_progress: Callable[[BuildProgress], None] | None) -> None:
+    """Count workers' summary rows (``summary_rows``) into ``progress`` as they arrive."""
+    for summary in summaries:
         written = summary.column("written").to_numpy(zero_copy_only=False)
         progress.docs += summary.num_rows
         progress.written += int(written.sum())
@@ -266,10 +299,11 @@ def drain(dataset: ray.data.Dataset, progress: BuildProgress, on_progress: Calla
             on_progress(progress)
 
 
-def _surface_user_errors(batches: Iterator[pa.Table]) -> Iterator[pa.Table]:
+@contextmanager
+def user_errors() -> Iterator[None]:
     """Re-raise a RayattrError from inside a worker as itself, not wrapped in Ray's errors."""
     try:
-        yield from batches
+        yield
     except RayattrError:
         raise
     except Exception as exc:

@@ -21,9 +21,9 @@ import pyarrow as pa
 import ray
 import torch
 
-from rayattr.config import RayattrError, RunSpec, stable_hash
+from rayattr.config import RayattrError, RunSpec, check_zero_stage, stable_hash
 from rayattr.data import TokenizedDocs
-from rayattr.grads.engine import engine_for
+from rayattr.grads.engine import GradientEngine, engine_for
 from rayattr.hessian.precondition import Preconditioner
 from rayattr.ray.pipeline import (
     TOKENIZE_CPUS, BuildProgress, WorkerResources, build, drain, ensure_ray, prepare, resume_plan, summary_rows,
@@ -180,13 +180,15 @@ class ScoringWorker:
     without, batches are rows of a gradient table.
     """
 
-    def __init__(self, run_path: str, threads: int, queries, settings: ScoreSettings, spec: RunSpec | None = None) -> None:
+    def __init__(self, run_path: str, threads: int, queries, settings: ScoreSettings, spec: RunSpec | None = None,
+                 loaded: tuple[GradientEngine, TableMeta] | None = None) -> None:
+        """``loaded``: an engine the caller built (a ZeRO-3 worker's), instead of a replica from ``spec``."""
         torch.set_num_threads(threads)
         queries = ray.get(queries) if isinstance(queries, ray.ObjectRef) else queries
         self.scorer = Scorer(queries.vectors, queries.index_side, settings.mode, settings.query_batch_size)
         self.engine = self.gradients = None
         if spec is not None:
-            self.engine, meta = engine_for(spec)
+            self.engine, meta = loaded or engine_for(spec)
             require_compatible(meta, queries.meta)
             if settings.keep_gradients:
                 self.gradients = GradientTable.create(run_path, meta)
@@ -236,15 +238,19 @@ class ScoreResult:
 def score(
     run_path: str, query_path: str, settings: ScoreSettings, *, spec: RunSpec | None = None,
     index_path: str | None = None, workers: int = 1, ray_address: str | None = None,
-    docs_per_write: int = 256, on_progress: Callable[[BuildProgress], None] | None = None,
+    docs_per_write: int = 256, on_progress: Callable[[BuildProgress], None] | None = None, zero_stage: int = 0,
 ) -> ScoreResult:
     """Score a training set (``spec``: on the fly; ``index_path``: a gradient table) against a query table.
 
     Writes ``scores`` (and ``token_scores`` with ``per_token``) and ``topk``
-    into ``run_path``; a rerun with the same settings resumes.
+    into ``run_path``; a rerun with the same settings resumes. ``zero_stage=3``
+    computes the on-the-fly gradients on a ZeRO-3 worker group (``rayattr.ray.zero``).
     """
     if (spec is None) == (index_path is None):
         raise RayattrError("score either a dataset on the fly (--model/--dataset) or a gradient table (--index-path), not both")
+    check_zero_stage(zero_stage)
+    if zero_stage and spec is None:
+        raise RayattrError("--zero-stage 3 partitions a model, and scoring a built table (--index-path) runs none; drop it")
     queries = load_queries(query_path, settings)
     if spec is not None:
         spec = dataclasses.replace(spec, grads=dataclasses.replace(spec.grads, per_token=settings.per_token))
@@ -270,7 +276,12 @@ def score(
         dataset = token_stream(spec, items) if items else None
     else:
         dataset = _index_stream(run_path, index, table, meta, progress)
-    if dataset is not None:
+    if dataset is not None and zero_stage:
+        from rayattr.ray.zero import zero_score
+
+        zero_score(run_path, spec, dataset, ray.put(queries), settings, workers=workers, docs_per_write=docs_per_write,
+                   progress=progress, on_progress=on_progress)
+    elif dataset is not None:
         dataset = dataset.map_batches(
             ScoringWorker, batch_size=docs_per_write if spec is not None else INDEX_ROWS_PER_BATCH, batch_format="pyarrow",
             **resources.pool(workers),
@@ -278,6 +289,7 @@ def score(
                                    "settings": settings, "spec": spec},
         )
         drain(dataset, progress, on_progress)
+    if dataset is not None:
         written = [ScoreTable.open(run_path, SCORES)]
         if settings.per_token:
             written.append(ScoreTable.open(run_path, TOKEN_SCORES))

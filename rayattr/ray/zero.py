@@ -1,0 +1,359 @@
+"""ZeRO mode: one model partitioned over a Ray Train worker group, for models that do not fit one device.
+
+Each worker of a ``TorchTrainer`` group builds the model inside
+``deepspeed.zero.Init`` (through transformers' ZeRO-3 loading), so it only ever
+allocates its own slice of every parameter, and wraps it with
+``deepspeed.initialize`` and no optimizer: DeepSpeed's module hooks gather a
+module's parameters just before its forward (and again before its backward) and
+free them after. The gradient hooks, projections and accumulators are the very
+ones replica mode uses, so rows and statistics equal replica mode's, and tables
+are interchangeable.
+
+Gathering a module's parameters is a collective, so the workers move in
+lock-step: before each step they agree on the most forward+backward passes any
+of them needs, and a worker with fewer runs idle passes over an empty batch.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Any, Protocol
+
+import pyarrow as pa
+import ray
+import torch
+import torch.distributed as dist
+from ray.train import DataConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch import nn
+
+from rayattr.config import RunSpec
+from rayattr.data import TokenizedDocs
+from rayattr.grads.engine import GradientEngine, engine_for
+from rayattr.grads.normalizer import NormalizerKind
+from rayattr.hessian.stats import Sums
+from rayattr.ray.fit import DOCS_PER_STEP, FitSummary, StatsPass, check_method, fit_passes, same_meta
+from rayattr.ray.pipeline import (
+    DOCS_PER_WRITE, BuildProgress, GradientWorker, WorkerResources, count_summaries, finish_build, plan_build,
+    prepare, shard_items, token_stream, user_errors,
+)
+from rayattr.ray.reduce import tree_reduce
+from rayattr.store import GRADIENTS, TableMeta
+
+DOCS = "docs"  # the Ray Train dataset name of the token stream
+POLL_SECONDS = 0.5  # how often the driver collects build summaries while the group runs
+
+
+def deepspeed_config(precision: str) -> dict:
+    """ZeRO-3 with every parameter partitioned and no optimizer section.
+
+    Persistence threshold 0: DeepSpeed would otherwise keep small parameters
+    (biases, norms) whole on every worker. The batch size is required by the
+    config schema only; batching is the engine's.
+    """
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+    }
+
+
+@contextmanager
+def partitioned_engine(spec: RunSpec) -> Iterator[tuple[GradientEngine, TableMeta]]:
+    """The run's gradient engine on a ZeRO-3 partitioned model (inside a worker group).
+
+    DeepSpeed gets no optimizer (it builds its parameter-offload hooks alone)
+    and every parameter stays frozen, so nothing can update the weights. The
+    engine calls the module itself: the partitioning hooks live on the modules,
+    and the DeepSpeed engine's forward only adds training machinery.
+    """
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    config = deepspeed_config(spec.model.precision)
+    zero3 = HfDeepSpeedConfig(config)  # while it lives, from_pretrained builds inside deepspeed.zero.Init
+    engine, meta = engine_for(spec)
+    wrapped, *_ = deepspeed.initialize(model=engine.model, config=config)
+    try:
+        yield engine, meta
+    finally:
+        engine.close()
+        wrapped.destroy()
+        del zero3
+
+
+def partition_numel(model: nn.Module) -> tuple[int, int]:
+    """``(parameter elements this worker holds, elements of the whole model)``."""
+    params = list(model.parameters())
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    return held, sum(getattr(p, "ds_numel", p.numel()) for p in params)
+
+
+def run_lockstep(batches: Iterator[pa.Table], engine: GradientEngine, consume: Callable[[pa.Table], None]) -> tuple[int, int]:
+    """Feed this worker's batches to ``consume`` in lock-step with the group.
+
+    Every worker runs the same number of forward+backward passes per step (the
+    most any worker needs; the others pad with idle passes), and all keep
+    stepping until every shard is exhausted. Returns ``(passes, idle passes)``.
+    """
+    passes = idle = 0
+    while True:
+        batch = next(batches, None)
+        needed = 0 if batch is None else engine.passes(TokenizedDocs.from_arrow(batch))
+        most, pending = _max_over_workers(engine.device, needed, batch is not None)
+        if not pending:
+            return passes, idle
+        if batch is not None:
+            consume(batch)
+        for _ in range(most - needed):
+            engine.idle_pass()
+        passes, idle = passes + needed, idle + most - needed
+
+
+def _max_over_workers(device: torch.device, *values: int) -> list[int]:
+    """Elementwise maximum of small integers over the worker group (an all-reduce)."""
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """What one worker of the group did and held."""
+
+    rank: int
+    partition_numel: int  # parameter elements this worker holds (its ZeRO-3 slices)
+    model_numel: int  # parameter elements of the whole model
+    passes: int  # forward+backward passes over real documents
+    idle_passes: int  # passes over the empty batch, to keep lock-step
+    seconds: float  # time in the lock-step loop, collectives included
+    peak_rss_mb: float
+
+
+@dataclass
+class ZeroBuildProgress(BuildProgress):
+    """A build's progress, plus each worker's report once the group has finished."""
+
+    workers: list[WorkerReport] = field(default_factory=list)
+
+
+class _Job(Protocol):
+    """What a worker group does with its shards: a consumer per worker, a result per worker."""
+
+    docs_per_step: int
+
+    def start(self, spec: RunSpec, engine: GradientEngine, meta: TableMeta, mailbox: Any) -> Callable[[pa.Table], None]: ...
+
+    def result(self) -> Any: ...
+
+
+@dataclass
+class _WriteRows:
+    """Build: every step goes through a GradientWorker (the replica pool's writer) on the partitioned engine."""
+
+    run_path: str
+    table: str
+    docs_per_step: int
+
+    def start(self, spec: RunSpec, engine: GradientEngine, meta: TableMeta, mailbox: Any) -> Callable[[pa.Table], None]:
+        writer = GradientWorker(spec, self.run_path, torch.get_num_threads(), self.table, loaded=(engine, meta))
+        return lambda batch: mailbox.post.remote(writer(batch))
+
+    def result(self) -> None:
+        return None
+
+
+@dataclass
+class _AccumulateStats:
+    """Statistics: partial sums of one pass over this worker's shard (fit's StatsPass)."""
+
+    method: str
+    eigenbases: ray.ObjectRef | None
+    docs_per_step: int = DOCS_PER_STEP
+    _stats: StatsPass | None = None
+
+    def start(self, spec: RunSpec, engine: GradientEngine, meta: TableMeta, mailbox: Any) -> Callable[[pa.Table], None]:
+        self._stats = StatsPass(engine, self.method, ray.get(self.eigenbases) if self.eigenbases is not None else None)
+        return lambda batch: self._stats(TokenizedDocs.from_arrow(batch))
+
+    def result(self) -> Sums:
+        return self._stats.close()
+
+
+@dataclass
+class _ScoreRows:
+    """On-the-fly scoring: every step goes through a ScoringWorker (the replica pool's scorer) on the partitioned engine."""
+
+    run_path: str
+    queries: ray.ObjectRef
+    settings: Any  # ScoreSettings
+    docs_per_step: int
+
+    def start(self, spec: RunSpec, engine: GradientEngine, meta: TableMeta, mailbox: Any) -> Callable[[pa.Table], None]:
+        from rayattr.ray.score import ScoringWorker
+
+        scorer = ScoringWorker(self.run_path, torch.get_num_threads(), self.queries, self.settings, spec,
+                               loaded=(engine, meta))
+        return lambda batch: mailbox.post.remote(scorer(batch))
+
+    def result(self) -> None:
+        return None
+
+
+@ray.remote(num_cpus=0)
+class _Mailbox:
+    """Where a group's workers leave what the driver reads: build summaries as they
+    are written, and each worker's report, table metadata and result at the end."""
+
+    def __init__(self) -> None:
+        self.summaries: list[pa.Table] = []
+        self.finished: dict[int, tuple[WorkerReport, TableMeta, Any]] = {}
+
+    def post(self, summary: pa.Table) -> None:
+        self.summaries.append(summary)
+
+    def take(self) -> list[pa.Table]:
+        taken, self.summaries = self.summaries, []
+        return taken
+
+    def finish(self, rank: int, report: WorkerReport, meta: TableMeta, result: Any) -> None:
+        self.finished[rank] = (report, meta, result)
+
+    def reports(self) -> tuple[list[WorkerReport], list[TableMeta]]:
+        ranks = sorted(self.finished)
+        return [self.finished[r][0] for r in ranks], [self.finished[r][1] for r in ranks]
+
+    def result(self, rank: int) -> Any:
+        return self.finished[rank][2]
+
+
+def _worker_loop(config: dict) -> None:
+    """One Ray Train worker: load the partitioned model, run the job over this worker's
+    shard in lock-step, leave the report and result in the mailbox."""
+    spec, job, mailbox = config["spec"], config["job"], config["mailbox"]
+    torch.set_num_threads(config["threads"])
+    with partitioned_engine(spec) as (engine, meta):
+        consume = job.start(spec, engine, meta, mailbox)
+        started = time.perf_counter()
+        batches = ray.train.get_dataset_shard(DOCS).iter_batches(batch_size=job.docs_per_step, batch_format="pyarrow")
+        passes, idle = run_lockstep(iter(batches), engine, consume)
+        rank = ray.train.get_context().get_world_rank()
+        report = WorkerReport(rank, *partition_numel(engine.model), passes, idle, time.perf_counter() - started,
+                              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        ray.get(mailbox.finish.remote(rank, report, meta, job.result()))
+
+
+class _WholeSplit(DataConfig):
+    """Split the stream between the workers without dropping rows.
+
+    Ray Train's default split evens the shards out by dropping the remainder;
+    every document must be seen here, and the lock-step already absorbs
+    uneven shards.
+    """
+
+    def configure(self, datasets: dict, world_size: int, worker_handles: list | None,
+                  worker_node_ids: list | None, **kwargs) -> list[dict]:
+        shards: list[dict] = [{} for _ in range(world_size)]
+        for name, dataset in datasets.items():
+            dataset = ray.data.Dataset.copy(dataset)
+            dataset.context.execution_options = self._resolve_execution_options(name)
+            for rank, split in enumerate(dataset.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)):
+                shards[rank][name] = split
+        return shards
+
+
+def _run_group(spec: RunSpec, dataset: ray.data.Dataset, workers: int, job: _Job, mailbox: Any) -> None:
+    """Run ``job`` on a ZeRO-3 worker group over ``dataset`` (a token stream)."""
+    resources = WorkerResources.plan(workers)
+    per_worker = {"CPU": resources.num_cpus} | ({"GPU": resources.num_gpus} if resources.num_gpus else {})
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"spec": spec, "job": job, "mailbox": mailbox, "threads": resources.threads},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=resources.num_gpus > 0, resources_per_worker=per_worker),
+        datasets={DOCS: dataset},
+        dataset_config=_WholeSplit(),
+        run_config=RunConfig(name=f"rayattr-zero-{uuid.uuid4().hex[:12]}"),
+    )
+    with user_errors():
+        trainer.fit()
+
+
+def drain_group(spec: RunSpec, dataset: ray.data.Dataset, workers: int, job: _Job, progress: BuildProgress,
+                on_progress: Callable[[BuildProgress], None] | None) -> list[WorkerReport]:
+    """Run a writing job (build, score) on a worker group, counting its summaries into
+    ``progress`` while it runs; returns the workers' reports."""
+    mailbox = _Mailbox.remote()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        running = pool.submit(_run_group, spec, dataset, workers, job, mailbox)
+        count_summaries(_posted(mailbox, running), progress, on_progress)
+        running.result()
+    return ray.get(mailbox.reports.remote())[0]
+
+
+def zero_build(
+    run_path: str,
+    spec: RunSpec,
+    *,
+    workers: int = 2,
+    ray_address: str | None = None,
+    on_progress: Callable[[BuildProgress], None] | None = None,
+    docs_per_write: int = DOCS_PER_WRITE,
+    table: str = GRADIENTS,
+) -> ZeroBuildProgress:
+    """``build`` with the model partitioned over ``workers`` (ZeRO-3) instead of replicated.
+
+    Same table, rows and metadata as replica mode; resumes an existing table the same way.
+    """
+    progress = ZeroBuildProgress(total_docs=0)
+    items = plan_build(run_path, spec, ray_address, table, progress)
+    if items:
+        job = _WriteRows(run_path, table, docs_per_write)
+        progress.workers = drain_group(spec, token_stream(spec, items), workers, job, progress, on_progress)
+        finish_build(run_path, table, progress)
+    progress.finish()
+    return progress
+
+
+def zero_score(run_path: str, spec: RunSpec, dataset: ray.data.Dataset, queries: ray.ObjectRef, settings: Any, *,
+               workers: int, docs_per_write: int, progress: BuildProgress,
+               on_progress: Callable[[BuildProgress], None] | None) -> list[WorkerReport]:
+    """On-the-fly scoring of ``dataset`` with the model partitioned over ``workers``:
+    the same ScoringWorker steps and score rows as the replica pool."""
+    return drain_group(spec, dataset, workers, _ScoreRows(run_path, queries, settings, docs_per_write), progress, on_progress)
+
+
+def zero_fit(out_dir: str, spec: RunSpec, method: str, *, workers: int = 2, ray_address: str | None = None,
+             normalizer_kind: NormalizerKind = "adafactor") -> FitSummary:
+    """``fit`` with the model partitioned over ``workers`` (ZeRO-3): each worker accumulates
+    its own documents, the partial sums are tree-reduced and finished exactly as ``fit`` does.
+
+    Each pass is one worker group (EK-FAC's second pass starts a second one).
+    """
+    check_method(method)
+    start = time.perf_counter()
+    items = shard_items(prepare(spec, ray_address))
+    reports: list[WorkerReport] = []
+    summary = fit_passes(out_dir, spec, method, partial(_stats_pass, spec, items, workers, reports), normalizer_kind)
+    return replace(summary, seconds=time.perf_counter() - start,
+                   worker_compute_seconds=max(r.seconds for r in reports),
+                   worker_peak_rss_mb=max(r.peak_rss_mb for r in reports))
+
+
+def _stats_pass(spec: RunSpec, items: list[dict], workers: int, reports: list[WorkerReport],
+                method: str, eigenbases: Sums | None) -> tuple[Sums, TableMeta]:
+    """One statistics pass on a worker group: partial sums tree-reduced as in ``fit``."""
+    mailbox = _Mailbox.remote()
+    bases = ray.put(eigenbases) if eigenbases is not None else None
+    _run_group(spec, token_stream(spec, items), workers, _AccumulateStats(method, bases), mailbox)
+    group_reports, metas = ray.get(mailbox.reports.remote())
+    reports.extend(group_reports)
+    sums = ray.get(tree_reduce([mailbox.result.remote(rank) for rank in range(workers)]))
+    return sums, same_meta(metas)

@@ -1,0 +1,105 @@
+"""ZeRO mode (Ray Train + DeepSpeed ZeRO-3, two gloo workers on CPU) equals replica mode."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from helpers import read_scores
+
+from rayattr.api import collect_in_process, open_index
+from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec
+from rayattr.hessian.factors import load_stats
+from rayattr.ray.fit import fit
+from rayattr.ray.pipeline import build
+from rayattr.ray.score import ScoreSettings, reduce, score
+from rayattr.ray.zero import ZeroBuildProgress
+
+WORKERS = 2
+
+
+@pytest.fixture(scope="module")
+def three_shards(tmp_path_factory, offline_fixture) -> str:
+    """The first 24 training documents in row groups of 8: three shards, so both workers get documents."""
+    path = tmp_path_factory.mktemp("data") / "train.parquet"
+    pq.write_table(pq.read_table(offline_fixture.train).slice(0, 24), path, row_group_size=8)
+    return str(path.parent)
+
+
+def _spec(offline_fixture, dataset: str, split: str = "train") -> RunSpec:
+    return RunSpec(ModelSpec(str(offline_fixture.neox)), DataSpec(dataset, split=split),
+                   GradSpec(projection_dim=4, token_batch_size=256))
+
+
+@pytest.fixture(scope="module")
+def zero_run(ray_session, tmp_path_factory, offline_fixture, three_shards) -> tuple[RunSpec, str, ZeroBuildProgress]:
+    spec = _spec(offline_fixture, three_shards)
+    run = str(tmp_path_factory.mktemp("zero") / "run")
+    return spec, run, build(run, spec, workers=WORKERS, docs_per_write=4, zero_stage=3)
+
+
+def test_zero_build_writes_the_replica_rows(zero_run):
+    spec, run, progress = zero_run
+    chunks = list(collect_in_process(spec))
+    ids = np.concatenate([rows.ids for _, rows in chunks])
+    order = np.argsort(ids)
+    reference = np.concatenate([rows.grads for _, rows in chunks])[order]
+    table = open_index(run)
+    got_ids, got = table.read_matrix()
+    np.testing.assert_array_equal(got_ids, ids[order])
+    assert np.abs(got - reference).max() <= 1e-5 * np.abs(reference).max()
+    assert table.meta == chunks[0][0]  # same metadata (model digest included): tables are interchangeable
+    assert progress.written == progress.total_docs == 24 and progress.duplicates_removed == 0
+
+
+def test_each_worker_holds_only_its_partition_and_steps_in_lockstep(zero_run):
+    reports = zero_run[2].workers
+    assert [r.rank for r in reports] == list(range(WORKERS))
+    for report in reports:
+        assert 0 < report.partition_numel < report.model_numel
+    assert sum(r.partition_numel for r in reports) >= reports[0].model_numel  # together they hold it all
+    assert len({r.passes + r.idle_passes for r in reports}) == 1  # the same number of collectives
+    assert all(r.passes > 0 for r in reports)  # both had documents
+
+
+def test_zero_kfac_equals_replica_kfac(ray_session, tmp_path, offline_fixture):
+    # One shard: one worker gets every document, the other only idle passes.
+    spec = _spec(offline_fixture, str(offline_fixture.train), split="train[:24]")
+    zero_summary = fit(str(tmp_path / "zero"), spec, "kfac", workers=WORKERS, zero_stage=3)
+    fit(str(tmp_path / "replica"), spec, "kfac", workers=1)
+    (zero, zero_manifest), (replica, replica_manifest) = load_stats(tmp_path / "zero"), load_stats(tmp_path / "replica")
+    assert zero_manifest["fingerprint"] == replica_manifest["fingerprint"]
+    assert zero_manifest["tokens"] == replica_manifest["tokens"] == zero_summary.tokens > 0
+    for name, tensors in replica.items():
+        for key in ("A", "S"):
+            scale = tensors[key].abs().max()
+            assert float((zero[name][key] - tensors[key]).abs().max() / scale) <= 1e-6
+        assert torch.allclose(zero[name]["a_values"], tensors["a_values"], rtol=1e-5, atol=1e-8 * tensors["a_values"].max())
+
+
+def test_zero_on_the_fly_scores_equal_replica_scores(ray_session, tmp_path, offline_fixture, three_shards):
+    spec = _spec(offline_fixture, three_shards)
+    queries = RunSpec(spec.model, DataSpec(str(offline_fixture.queries), split="train[:3]", prompt_column="prompt",
+                                           completion_column="completion"), spec.grads)
+    reduce(str(tmp_path / "query"), queries, aggregation="none", unit_normalize=True)
+    settings = ScoreSettings(unit_normalize=True, top_k=5)
+    zero = score(str(tmp_path / "zero"), str(tmp_path / "query"), settings, spec=spec, workers=WORKERS,
+                 docs_per_write=4, zero_stage=3)
+    replica = score(str(tmp_path / "replica"), str(tmp_path / "query"), settings, spec=spec, workers=1)
+    (zero_ids, zero_scores), (ids, scores) = read_scores(str(tmp_path / "zero")), read_scores(str(tmp_path / "replica"))
+    np.testing.assert_array_equal(zero_ids, np.arange(24))
+    np.testing.assert_array_equal(zero_ids, ids)
+    assert np.abs(zero_scores - scores).max() <= 1e-5 * np.abs(scores).max()
+    np.testing.assert_array_equal(zero.topk.ids, replica.topk.ids)
+    assert zero.progress.written == 24 and zero.progress.duplicates_removed == 0
+
+
+def test_zero_stage_other_than_3_is_refused_before_any_work(tmp_path, offline_fixture):
+    spec = _spec(offline_fixture, str(offline_fixture.train))
+    with pytest.raises(RayattrError, match="--zero-stage 2 is not supported"):
+        build(str(tmp_path / "run"), spec, workers=2, zero_stage=2)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(RayattrError, match="--index-path"):
+        score(str(tmp_path / "run"), str(tmp_path / "query"), ScoreSettings(), index_path=str(tmp_path / "index"),
+              zero_stage=3)
