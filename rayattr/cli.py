@@ -479,6 +479,25 @@ def build(
     _print_progress(f"build {run_path}", result)
 
 
+@app.command("verify")
+@_user_errors
+def verify_command(run_path: RunPathArg) -> None:
+    """Check a run: every id once, vector widths and dtypes, no NaN/Inf, finished tables, statistics checksums
+    and fingerprints. Exits 1 with the list of problems."""
+    from rayattr.verify import verify
+
+    report = verify(run_path)
+    checked = Table("checked", title=f"verify {run_path}")
+    for item in report.checked:
+        checked.add_row(escape(item))
+    Console().print(checked)
+    if not report.ok:
+        for problem in report.problems:
+            console.print(f"[bold red]problem:[/] {escape(problem)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    Console().print(f"{run_path}: no problems")
+
+
 @app.command("index")
 @_user_errors
 def index_command(

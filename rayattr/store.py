@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from rayattr import __version__
+from rayattr import __version__, storage
 from rayattr.config import RayattrError
 
 GRADIENTS = "gradients"
@@ -27,7 +27,8 @@ TOKEN_SCORES = "token_scores"
 TOPK = "topk"
 FORMAT_VERSION = 1
 META_KEY = b"rayattr"
-_ARROW_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+RECORDS_DIR = "_rayattr"  # completion records, beside the tables of a run path
+ARROW_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 # Fields that decide the space gradient vectors live in; they must agree to compare two tables.
 COMPATIBILITY_FIELDS = ("model", "modules", "projection", "normalizer")
 # Fields that decide the shape and storage of the vectors.
@@ -90,7 +91,7 @@ def gradient_schema(meta: TableMeta) -> pa.Schema:
     fields = [pa.field("id", pa.int64()), pa.field("num_tokens", pa.int32()), pa.field("loss", pa.float32())]
     if meta.per_token:
         fields.append(pa.field("token_pos", pa.int32()))
-    fields.append(pa.field("grad", pa.list_(_ARROW_DTYPES[meta.dtype], meta.dim)))
+    fields.append(pa.field("grad", pa.list_(ARROW_DTYPES[meta.dtype], meta.dim)))
     return pa.schema(fields, metadata={META_KEY: meta.to_json()})
 
 
@@ -182,15 +183,10 @@ class RowTable:
         for batch in self.iter_batches(["id"], batch_size):
             yield batch.column(0).to_numpy()
 
-    def deduplicate(self) -> int:
-        """Keep one copy of every row written more than once; returns the rows removed.
+    def row_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows held, rows expected)`` per id (indexed by id), streamed: one small integer pair per id.
 
-        Appends are at-least-once: a retried block or a killed job's leftover
-        actor can commit a row that another writer also commits. Rows of one
-        id are identical, so the repair is exact. Counting uses one small
-        integer per id (streamed), then rewrites only the duplicated ids; a
-        crash between the delete and the re-append loses those ids, which the
-        next resume recomputes.
+        A document has one row, or one per label token in per-token tables.
         """
         counts = np.zeros(0, np.uint32)
         expected = np.zeros(0, np.uint32)
@@ -202,6 +198,19 @@ class RowTable:
             np.add.at(counts, ids, 1)
             rows_per_id = batch.column("num_tokens").to_numpy() - 1 if self.per_token else 1
             expected[ids] = rows_per_id
+        return counts, expected
+
+    def deduplicate(self) -> int:
+        """Keep one copy of every row written more than once; returns the rows removed.
+
+        Appends are at-least-once: a retried block or a killed job's leftover
+        actor can commit a row that another writer also commits. Rows of one
+        id are identical, so the repair is exact. Counting uses one small
+        integer per id (streamed), then rewrites only the duplicated ids; a
+        crash between the delete and the re-append loses those ids, which the
+        next resume recomputes.
+        """
+        counts, expected = self.row_counts()
         duplicated = np.flatnonzero(counts > expected)
         removed = 0
         for chunk in np.array_split(duplicated, max(1, duplicated.size // 1000)) if duplicated.size else ():
@@ -217,6 +226,54 @@ class RowTable:
     def optimize(self) -> None:
         """Compact the fragments that many small appends leave behind."""
         self.table.optimize()
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What a finished pass promises about one table: the ids it holds.
+
+    Written last, after de-duplication and compaction, and removed when a
+    pass on the table starts, so a table without one is partial (a killed
+    or running job) and ``rayattr verify`` says so. Expected ids are the
+    dataset's shard ranges less the documents skipped for having no loss
+    token; a table scored from a stored index lists no ranges, only a count.
+    """
+
+    table: str
+    rows: int  # distinct ids the table must hold
+    ranges: list[tuple[int, int]] | None = None  # (first id, rows) of every shard read
+    skipped: list[int] = field(default_factory=list)  # ids of documents with no loss token
+
+    @staticmethod
+    def uri(run_path: str, table: str) -> str:
+        return storage.join(run_path, RECORDS_DIR, f"{table}.json")
+
+    @classmethod
+    def of_shards(cls, table: str, ranges: list[tuple[int, int]], skipped: list[int]) -> Completion:
+        return cls(table, sum(n for _, n in ranges) - len(skipped), [tuple(r) for r in ranges], sorted(skipped))
+
+    def expected_ids(self) -> np.ndarray | None:
+        """Every id the table must hold, sorted (None when only the count is known)."""
+        if self.ranges is None:
+            return None
+        ids = np.concatenate([np.arange(first, first + n, dtype=np.int64) for first, n in self.ranges] or [np.zeros(0, np.int64)])
+        return np.setdiff1d(ids, np.asarray(self.skipped, np.int64))
+
+    def save(self, run_path: str) -> None:
+        storage.write_bytes(self.uri(run_path, self.table), json.dumps(asdict(self)).encode())
+
+    @classmethod
+    def load(cls, run_path: str, table: str) -> Completion | None:
+        uri = cls.uri(run_path, table)
+        if not storage.exists(uri):
+            return None
+        payload = json.loads(storage.read_bytes(uri))
+        return cls(**payload | {"ranges": None if payload["ranges"] is None else [tuple(r) for r in payload["ranges"]]})
+
+    @classmethod
+    def clear(cls, run_path: str, table: str) -> None:
+        """Mark the table partial: a pass that writes it has started."""
+        storage.remove(cls.uri(run_path, table))
 
 
 class GradientTable(RowTable):

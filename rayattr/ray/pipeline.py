@@ -26,7 +26,7 @@ from rayattr.grads.collector import select_modules
 from rayattr.grads.engine import GradientEngine, engine_for
 from rayattr.model import load_config, load_tokenizer, max_positions
 from rayattr.score import QueryPreprocess
-from rayattr.store import GRADIENTS, GradientTable, RowTable, TableMeta, table_exists
+from rayattr.store import GRADIENTS, Completion, GradientTable, RowTable, TableMeta, table_exists
 
 DOCS_PER_WRITE = 256
 TOKENIZE_CPUS = 0.5
@@ -183,6 +183,7 @@ class BuildProgress:
     tokens: int = 0
     written: int = 0
     skipped: int = 0
+    skipped_ids: list[int] = field(default_factory=list)  # documents with no loss token (never written)
     seconds: float = 0.0
     first_row_seconds: float | None = None
     duplicates_removed: int = 0
@@ -245,7 +246,7 @@ def build(
         return zero_build(run_path, spec, workers=workers, ray_address=ray_address, on_progress=on_progress,
                           docs_per_write=docs_per_write, table=table)
     progress = BuildProgress(total_docs=0)
-    items = plan_build(run_path, spec, ray_address, table, progress)
+    items, ranges = plan_build(run_path, spec, ray_address, table, progress)
     resources = WorkerResources.plan(workers)
     if items:
         dataset = token_stream(spec, items).map_batches(
@@ -256,24 +257,29 @@ def build(
             fn_constructor_kwargs=dict(spec=spec, run_path=run_path, threads=resources.threads, table=table, query=query),
         )
         drain(dataset, progress, on_progress)
-        finish_build(run_path, table, progress)
+    finish_build(run_path, table, progress, ranges)
     progress.finish()
     return progress
 
 
-def plan_build(run_path: str, spec: RunSpec, ray_address: str | None, table: str, progress: BuildProgress) -> list[dict]:
-    """The shard items a build still has to write (ids already in the table drop out); sets ``progress.total_docs``."""
+def plan_build(run_path: str, spec: RunSpec, ray_address: str | None, table: str,
+               progress: BuildProgress) -> tuple[list[dict], list[tuple[int, int]]]:
+    """The shard items a build still has to write (ids already in the table drop out) and every
+    shard's ``(first id, rows)``; sets ``progress.total_docs`` and marks the table partial."""
     shards = prepare(spec, ray_address)
     items = resume_plan(shards, GradientTable.open(run_path, table) if table_exists(run_path, table) else None)
     progress.total_docs = sum(s["num_rows"] - len(s["done_ids"]) for s in items)
-    return items
+    Completion.clear(run_path, table)
+    return items, [(s.first_id, s.num_rows) for s in shards]
 
 
-def finish_build(run_path: str, table: str, progress: BuildProgress) -> None:
-    """Repair rows committed twice (retried blocks, leftover workers) and compact the table."""
+def finish_build(run_path: str, table: str, progress: BuildProgress, ranges: list[tuple[int, int]]) -> None:
+    """Repair rows committed twice (retried blocks, leftover workers), compact the table, and
+    record it complete. Skipped documents are re-read by every resume, so this run saw them all."""
     written = GradientTable.open(run_path, table)
     progress.duplicates_removed = written.deduplicate()
     written.optimize()
+    Completion.of_shards(table, ranges, progress.skipped_ids).save(run_path)
 
 
 def drain(dataset: ray.data.Dataset, progress: BuildProgress, on_progress: Callable[[BuildProgress], None] | None) -> None:
@@ -290,6 +296,7 @@ def count_summaries(summaries: Iterable[pa.Table], progress: BuildProgress,
         progress.docs += summary.num_rows
         progress.written += int(written.sum())
         progress.skipped += int((~written).sum())
+        progress.skipped_ids.extend(summary.column("id").to_numpy()[~written].tolist())
         progress.tokens += int(pc.sum(summary.column("num_tokens")).as_py() or 0)
         progress.nodes.update(pc.unique(summary.column("node_id")).to_pylist())
         progress.finish()

@@ -31,7 +31,7 @@ from rayattr.ray.pipeline import (
 )
 from rayattr.score import Aggregation, Preprocess, QueryPreprocess, Scorer, ScoreMode, aggregate, check_mode
 from rayattr.store import (
-    GRADIENTS, META_KEY, SCORES, TOKEN_SCORES, TOPK, GradientTable, ScoreMeta, ScoreTable, TableMeta, connect,
+    GRADIENTS, META_KEY, Completion, SCORES, TOKEN_SCORES, TOPK, GradientTable, ScoreMeta, ScoreTable, TableMeta, connect,
     require_compatible, table_exists, vectors_of,
 )
 from rayattr.topk import TopK
@@ -268,6 +268,9 @@ def score(
     table = ScoreTable.create(run_path, meta, SCORES)
     if settings.per_token:
         ScoreTable.create(run_path, dataclasses.replace(meta, per_token=True), TOKEN_SCORES)
+    outputs = [SCORES] + [TOKEN_SCORES] * settings.per_token + [GRADIENTS] * (spec is not None and settings.keep_gradients)
+    for name in outputs:
+        Completion.clear(run_path, name)
     resources = WorkerResources.plan(workers)
     progress = BuildProgress(total_docs=0)
     if spec is not None:
@@ -289,15 +292,15 @@ def score(
                                    "settings": settings, "spec": spec},
         )
         drain(dataset, progress, on_progress)
-    if dataset is not None:
-        written = [ScoreTable.open(run_path, SCORES)]
-        if settings.per_token:
-            written.append(ScoreTable.open(run_path, TOKEN_SCORES))
-        if settings.keep_gradients and table_exists(run_path, GRADIENTS):
-            written.append(GradientTable.open(run_path))
-        for repaired in written:
-            progress.duplicates_removed += repaired.deduplicate()
-            repaired.optimize()
+    for name in outputs:
+        if not table_exists(run_path, name):  # kept gradients: no worker started
+            continue
+        repaired = GradientTable.open(run_path) if name == GRADIENTS else ScoreTable.open(run_path, name)
+        progress.duplicates_removed += repaired.deduplicate()
+        repaired.optimize()
+        done = (Completion.of_shards(name, [(s.first_id, s.num_rows) for s in shards], progress.skipped_ids)
+                if spec is not None else Completion(name, index.count()))
+        done.save(run_path)
     top = distributed_topk(ScoreTable.open(run_path, SCORES), settings.top_k)
     write_topk(run_path, top, np.asarray(meta.query_ids), meta)
     progress.finish()

@@ -286,6 +286,15 @@ def _run_group(spec: RunSpec, dataset: ray.data.Dataset, workers: int, job: _Job
         trainer.fit()
 
 
+def _posted(mailbox: Any, running: Future) -> Iterator[pa.Table]:
+    """The workers' build summaries as they arrive, until the group has finished."""
+    while True:
+        finished = bool(wait([running], timeout=POLL_SECONDS).done)
+        yield from ray.get(mailbox.take.remote())
+        if finished:
+            return
+
+
 def drain_group(spec: RunSpec, dataset: ray.data.Dataset, workers: int, job: _Job, progress: BuildProgress,
                 on_progress: Callable[[BuildProgress], None] | None) -> list[WorkerReport]:
     """Run a writing job (build, score) on a worker group, counting its summaries into
@@ -313,11 +322,11 @@ def zero_build(
     Same table, rows and metadata as replica mode; resumes an existing table the same way.
     """
     progress = ZeroBuildProgress(total_docs=0)
-    items = plan_build(run_path, spec, ray_address, table, progress)
+    items, ranges = plan_build(run_path, spec, ray_address, table, progress)
     if items:
         job = _WriteRows(run_path, table, docs_per_write)
         progress.workers = drain_group(spec, token_stream(spec, items), workers, job, progress, on_progress)
-        finish_build(run_path, table, progress)
+    finish_build(run_path, table, progress, ranges)
     progress.finish()
     return progress
 
