@@ -442,7 +442,8 @@ def _print_progress(title: str, result) -> None:
     first = "-" if result.first_row_seconds is None else f"{result.first_row_seconds:.1f} s"
     for key, value in [
         ("documents processed", f"{result.docs:,}"), ("rows written", f"{result.written:,}"),
-        ("skipped (no loss token)", f"{result.skipped:,}"), ("tokens", f"{result.tokens:,}"),
+        ("skipped (no loss token)", f"{result.skipped:,}"),
+        ("excluded (NaN/Inf loss or gradient)", f"{len(result.non_finite_ids):,}"), ("tokens", f"{result.tokens:,}"),
         ("wall time", f"{result.seconds:.1f} s"), ("tokens/s (end to end)", f"{result.tokens_per_second:,.0f}"),
         ("first row written after", first),
     ]:

@@ -47,22 +47,38 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes(uri: str, payload: bytes) -> None:
-    """Write ``payload`` to ``uri`` atomically, creating parent directories."""
+    """Write ``payload`` to ``uri`` atomically, creating parent directories.
+
+    A failed write (disk full, no permission) leaves the old file, or none,
+    and raises a RayattrError naming the file.
+    """
     uri = str(uri)
-    if is_local(uri):
-        path = os.path.abspath(uri)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        if is_local(uri):
+            _write_local(os.path.abspath(uri), payload)
+            return
+        fs, path = _resolve(uri)
+        fs.create_dir(posixpath.dirname(path), recursive=True)
+        with fs.open_output_stream(path) as stream:
+            stream.write(payload)
+    except OSError as exc:
+        raise RayattrError(f"cannot write {uri} ({exc}); free space or fix permissions, then rerun: "
+                           "completed steps and committed rows are kept") from exc
+
+
+def _write_local(path: str, payload: bytes) -> None:
+    """Temp file, fsync, rename; the temp file is removed when anything fails."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
         with open(tmp, "wb") as handle:
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-        return
-    fs, path = _resolve(uri)
-    fs.create_dir(posixpath.dirname(path), recursive=True)
-    with fs.open_output_stream(path) as stream:
-        stream.write(payload)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def remove(uri: str) -> None:

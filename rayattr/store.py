@@ -175,8 +175,18 @@ class RowTable:
         return self.table.count_rows()
 
     def iter_batches(self, columns: list[str] | None = None, batch_size: int = 8192) -> Iterator[pa.RecordBatch]:
-        """Stream the table in record batches (memory bounded by ``batch_size``)."""
-        yield from self.table.to_lance().to_batches(columns=columns, batch_size=batch_size)
+        """Stream the table in record batches (memory bounded by ``batch_size``).
+
+        A table whose files are missing or damaged fails here with a message
+        naming it, not with Lance's internal error.
+        """
+        try:
+            yield from self.table.to_lance().to_batches(columns=columns, batch_size=batch_size)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise RayattrError(
+                f"table {self.table.name!r} in {self.uri} is corrupt or partly written ({str(exc).splitlines()[0]}); "
+                f"`rayattr verify {self.uri}` lists what is wrong: rebuild it in a new RUN_PATH, or restore its files"
+            ) from exc
 
     def iter_ids(self, batch_size: int = 65536) -> Iterator[np.ndarray]:
         """Stream the ids present, for resuming without loading the vectors."""
@@ -236,28 +246,31 @@ class Completion:
     pass on the table starts, so a table without one is partial (a killed
     or running job) and ``rayattr verify`` says so. Expected ids are the
     dataset's shard ranges less the documents skipped for having no loss
-    token; a table scored from a stored index lists no ranges, only a count.
+    token or a non-finite loss or gradient; a table scored from a stored
+    index lists no ranges, only a count.
     """
 
     table: str
     rows: int  # distinct ids the table must hold
     ranges: list[tuple[int, int]] | None = None  # (first id, rows) of every shard read
     skipped: list[int] = field(default_factory=list)  # ids of documents with no loss token
+    non_finite: list[int] = field(default_factory=list)  # ids of documents with a NaN/Inf loss or gradient
 
     @staticmethod
     def uri(run_path: str, table: str) -> str:
         return storage.join(run_path, RECORDS_DIR, f"{table}.json")
 
     @classmethod
-    def of_shards(cls, table: str, ranges: list[tuple[int, int]], skipped: list[int]) -> Completion:
-        return cls(table, sum(n for _, n in ranges) - len(skipped), [tuple(r) for r in ranges], sorted(skipped))
+    def of_shards(cls, table: str, ranges: list[tuple[int, int]], skipped: list[int], non_finite: list[int]) -> Completion:
+        rows = sum(n for _, n in ranges) - len(skipped) - len(non_finite)
+        return cls(table, rows, [tuple(r) for r in ranges], sorted(skipped), sorted(non_finite))
 
     def expected_ids(self) -> np.ndarray | None:
         """Every id the table must hold, sorted (None when only the count is known)."""
         if self.ranges is None:
             return None
         ids = np.concatenate([np.arange(first, first + n, dtype=np.int64) for first, n in self.ranges] or [np.zeros(0, np.int64)])
-        return np.setdiff1d(ids, np.asarray(self.skipped, np.int64))
+        return np.setdiff1d(ids, np.asarray(self.skipped + self.non_finite, np.int64))
 
     def save(self, run_path: str) -> None:
         storage.write_bytes(self.uri(run_path, self.table), json.dumps(asdict(self)).encode())

@@ -51,7 +51,7 @@ def verify(run_path: str) -> VerifyReport:
         _verify_stats(storage.join(run_path, directory), metas, report)
     for directory in NORMALIZER_DIRS:
         _verify_normalizer(storage.join(run_path, directory), metas, report)
-    if not report.checked:
+    if not report.checked and not report.problems:
         raise RayattrError(f"{run_path} holds no rayattr tables or statistics; pass the RUN_PATH of a build, score or trackstar run")
     return report
 

@@ -33,6 +33,7 @@ class GradientRows:
     grads: np.ndarray  # [R, D] float16/float32
     token_pos: np.ndarray | None = None  # int32 [R] in per-token mode
     skipped: np.ndarray | None = None  # ids of documents with no loss token (empty or too short)
+    non_finite: np.ndarray | None = None  # ids of documents whose loss or gradient overflowed: no row
 
     def to_arrow(self) -> pa.Table:
         """The gradient-table layout: ``id, num_tokens, loss, [token_pos,] grad``."""
@@ -152,7 +153,7 @@ class GradientEngine:
             empty = np.zeros(0, dtype=np.int64)
             token_pos = np.zeros(0, np.int32) if self.spec.per_token else None
             return GradientRows(empty, empty.astype(np.int32), empty.astype(np.float32),
-                                np.zeros((0, self.dim), dtype), token_pos, skipped)
+                                np.zeros((0, self.dim), dtype), token_pos, skipped, empty)
         doc_index = np.concatenate([index[example.cpu().numpy()] for index, _, _, example, _ in parts])
         doc_loss = np.zeros(len(docs), np.float32)
         for index, _, loss, _, _ in parts:
@@ -165,14 +166,21 @@ class GradientEngine:
             token_pos = token_pos[order]
         else:
             order = np.argsort(doc_index, kind="stable")
-        doc_index = doc_index[order]
+        doc_index, grads = doc_index[order], grads[order]
+        # A document whose loss or any gradient entry is not finite gets no row (LanceDB
+        # refuses NaN vectors, and one would poison every score and statistic).
+        finite = np.isfinite(doc_loss)
+        finite[doc_index[~np.isfinite(grads).all(axis=1)]] = False
+        keep = finite[doc_index]
+        doc_index = doc_index[keep]
         return GradientRows(
             ids=docs.ids[doc_index],
             num_tokens=lengths[doc_index].astype(np.int32),
             loss=doc_loss[doc_index],
-            grads=_to_storage(grads[order], dtype),
-            token_pos=token_pos,
+            grads=_to_storage(grads[keep], dtype),
+            token_pos=None if token_pos is None else token_pos[keep],
             skipped=skipped,
+            non_finite=docs.ids[~finite],  # documents in no batch (skipped) have loss 0: finite
         )
 
 

@@ -17,6 +17,7 @@ never compared.
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -123,7 +124,13 @@ def from_optimizer_state(path: str | Path, model: nn.Module, kind: NormalizerKin
     path = Path(path)
     if not path.exists():
         raise RayattrError(f"optimizer state {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise RayattrError(
+            f"{path} is not a plain optimizer state: {str(exc).splitlines()[0]}. Only tensors and plain containers "
+            "are loaded (torch.load weights_only=True); pass the optimizer.pt an HF Trainer checkpoint holds"
+        ) from exc
     if not isinstance(state, dict) or "state" not in state or "param_groups" not in state:
         raise RayattrError(f"{path} is not a torch optimizer state_dict (no 'state'/'param_groups')")
     indices = [i for group in state["param_groups"] for i in group["params"]]

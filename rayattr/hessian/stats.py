@@ -93,9 +93,15 @@ class TokenAccumulator:
         }
 
     def __call__(self, name: str, acts: torch.Tensor, grads: torch.Tensor) -> None:
-        """The collector calls this with the valid tokens' ``a [n, p_in]`` and ``g [n, p_out]``."""
+        """The collector calls this with the valid tokens' ``a [n, p_in]`` and ``g [n, p_out]``.
+
+        Tokens with a NaN/Inf activation or output gradient are left out (as
+        documents with a non-finite gradient get no row), so one overflow does
+        not poison the factors.
+        """
         slot = self.sums[name]
-        a, g = acts.double(), grads.double()
+        finite = torch.isfinite(acts).all(1) & torch.isfinite(grads).all(1)
+        a, g = acts[finite].double(), grads[finite].double()
         slot["A"] += (a.T @ a).cpu()
         slot["S"] += (g.T @ g).cpu()
         slot["tokens"] += a.shape[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -39,6 +40,7 @@ def ensure_ray(address: str | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     try:
         if address:
+            _probe(address)
             ray.init(address=address, log_to_driver=True)
         else:
             ray.init(include_dashboard=False, log_to_driver=True)
@@ -47,6 +49,17 @@ def ensure_ray(address: str | None = None) -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds on a ``host:port`` nobody listens on (``ray.init`` would retry for minutes)."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return  # "auto", ray:// clients: Ray's own errors are prompt there
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {address} ({exc})") from exc
 
 
 @dataclass(frozen=True)
@@ -122,15 +135,19 @@ class GradientWorker:
         if self.preprocess is not None:
             rows.grads = self.preprocess(torch.from_numpy(rows.grads)).numpy()
         self.table.append(rows.to_arrow())
-        return summary_rows(docs.ids, batch.column("num_tokens"), np.isin(docs.ids, rows.ids))
+        return summary_rows(docs.ids, batch.column("num_tokens"), np.isin(docs.ids, rows.ids),
+                            np.isin(docs.ids, rows.non_finite))
 
 
-def summary_rows(ids: np.ndarray, num_tokens: pa.Array, written: np.ndarray) -> pa.Table:
-    """What a worker tells the driver about a batch: which ids it wrote, when, and on which node."""
+def summary_rows(ids: np.ndarray, num_tokens: pa.Array, written: np.ndarray,
+                 non_finite: np.ndarray | None = None) -> pa.Table:
+    """What a worker tells the driver about a batch: which ids it wrote (the others had no
+    loss token, or a non-finite loss or gradient), when, and on which node."""
     return pa.table({
         "id": pa.array(ids, pa.int64()),
         "num_tokens": num_tokens,
         "written": pa.array(written),
+        "non_finite": pa.array(np.zeros(len(ids), bool) if non_finite is None else non_finite),
         "written_at": pa.array(np.full(len(ids), time.time())),
         "node_id": pa.array([ray.get_runtime_context().get_node_id()] * len(ids), pa.string()),
     })
@@ -143,8 +160,14 @@ def check_modules(model_config, grads: GradSpec) -> None:
     """
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(model_config)
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(model_config)
+    except ValueError as exc:
+        raise RayattrError(
+            f"the model is not a causal LM ({model_config.model_type}: {str(exc).splitlines()[0]}); "
+            "pass a decoder-only model that AutoModelForCausalLM loads"
+        ) from exc
     select_modules(skeleton, grads.modules, grads.exclude_modules)
 
 
@@ -184,6 +207,7 @@ class BuildProgress:
     written: int = 0
     skipped: int = 0
     skipped_ids: list[int] = field(default_factory=list)  # documents with no loss token (never written)
+    non_finite_ids: list[int] = field(default_factory=list)  # documents with a NaN/Inf loss or gradient (never written)
     seconds: float = 0.0
     first_row_seconds: float | None = None
     duplicates_removed: int = 0
@@ -279,7 +303,7 @@ def finish_build(run_path: str, table: str, progress: BuildProgress, ranges: lis
     written = GradientTable.open(run_path, table)
     progress.duplicates_removed = written.deduplicate()
     written.optimize()
-    Completion.of_shards(table, ranges, progress.skipped_ids).save(run_path)
+    Completion.of_shards(table, ranges, progress.skipped_ids, progress.non_finite_ids).save(run_path)
 
 
 def drain(dataset: ray.data.Dataset, progress: BuildProgress, on_progress: Callable[[BuildProgress], None] | None) -> None:
@@ -292,11 +316,15 @@ def count_summaries(summaries: Iterable[pa.Table], progress: BuildProgress,
                     on_progress: Callable[[BuildProgress], None] | None) -> None:
     """Count workers' summary rows (``summary_rows``) into ``progress`` as they arrive."""
     for summary in summaries:
+        ids = summary.column("id").to_numpy()
         written = summary.column("written").to_numpy(zero_copy_only=False)
+        non_finite = summary.column("non_finite").to_numpy(zero_copy_only=False)
+        skipped = ~written & ~non_finite
         progress.docs += summary.num_rows
         progress.written += int(written.sum())
-        progress.skipped += int((~written).sum())
-        progress.skipped_ids.extend(summary.column("id").to_numpy()[~written].tolist())
+        progress.skipped += int(skipped.sum())
+        progress.skipped_ids.extend(ids[skipped].tolist())
+        progress.non_finite_ids.extend(ids[non_finite].tolist())
         progress.tokens += int(pc.sum(summary.column("num_tokens")).as_py() or 0)
         progress.nodes.update(pc.unique(summary.column("node_id")).to_pylist())
         progress.finish()

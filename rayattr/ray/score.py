@@ -216,7 +216,8 @@ class ScoringWorker:
             lengths = np.zeros(len(doc_ids), np.int32)
             lengths[row_doc] = rows.num_tokens
             self.scores.append(_score_rows(doc_ids, lengths, per_doc))
-        return summary_rows(docs.ids, batch.column("num_tokens"), np.isin(docs.ids, rows.ids))
+        return summary_rows(docs.ids, batch.column("num_tokens"), np.isin(docs.ids, rows.ids),
+                            np.isin(docs.ids, rows.non_finite))
 
 
 def _score_rows(ids: np.ndarray, num_tokens: np.ndarray, scores: torch.Tensor, token_pos: np.ndarray | None = None) -> pa.Table:
@@ -298,7 +299,8 @@ def score(
         repaired = GradientTable.open(run_path) if name == GRADIENTS else ScoreTable.open(run_path, name)
         progress.duplicates_removed += repaired.deduplicate()
         repaired.optimize()
-        done = (Completion.of_shards(name, [(s.first_id, s.num_rows) for s in shards], progress.skipped_ids)
+        done = (Completion.of_shards(name, [(s.first_id, s.num_rows) for s in shards], progress.skipped_ids,
+                                     progress.non_finite_ids)
                 if spec is not None else Completion(name, index.count()))
         done.save(run_path)
     top = distributed_topk(ScoreTable.open(run_path, SCORES), settings.top_k)

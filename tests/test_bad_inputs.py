@@ -1,0 +1,152 @@
+"""Bad input fails with one line naming the problem and the fix, and damages nothing.
+
+Complements test_cli.py's data errors (missing column, empty dataset,
+over-long documents, unmatched modules, missing model) and test_store.py's
+format-version errors.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from helpers import assert_rows_close
+from transformers import AutoModelForCausalLM, AutoTokenizer, T5Config
+from typer.testing import CliRunner
+
+from rayattr import storage
+from rayattr.api import collect_in_process, open_index
+from rayattr.cli import app
+from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec
+from rayattr.hessian.factors import load_stats
+from rayattr.ray.fit import fit
+from rayattr.ray.pipeline import build
+from rayattr.store import Completion
+from rayattr.verify import verify
+
+runner = CliRunner()
+DOCS = 32
+
+
+def _one_line(output: str) -> str:
+    return " ".join(output.split())
+
+
+@pytest.fixture(scope="module")
+def poisoned(offline_fixture, fixture_tokenizer, tmp_path_factory) -> tuple[str, int]:
+    """The fixture model with one token's embedding set to inf: documents holding that token
+    get a NaN loss and gradient, the others are untouched. Returns ``(model dir, token id)``."""
+    texts = pq.read_table(offline_fixture.train).column("text").to_pylist()[:DOCS]
+    counts = np.bincount(np.concatenate([fixture_tokenizer(t)["input_ids"] for t in texts]))
+    in_docs = np.array([sum(token in fixture_tokenizer(t)["input_ids"] for t in texts) for token in range(len(counts))])
+    token = int(np.flatnonzero((in_docs >= 2) & (in_docs <= 6))[0])  # in a few documents, not all
+    model = AutoModelForCausalLM.from_pretrained(offline_fixture.neox)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[token] = float("inf")
+    out = tmp_path_factory.mktemp("poisoned")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(offline_fixture.tokenizer).save_pretrained(out)
+    return str(out), token
+
+
+def test_non_finite_documents_get_no_row_and_stay_out_of_statistics(ray_session, tmp_path, offline_fixture, poisoned,
+                                                                    fixture_tokenizer):
+    model, token = poisoned
+    data = DataSpec(str(offline_fixture.train), split=f"train[:{DOCS}]")
+    texts = pq.read_table(offline_fixture.train).column("text").to_pylist()[:DOCS]
+    bad = np.array([i for i, t in enumerate(texts) if token in fixture_tokenizer(t)["input_ids"]])
+    assert 0 < bad.size < DOCS
+    progress = build(str(tmp_path / "run"), RunSpec(ModelSpec(model), data, GradSpec(projection_dim=4)))
+    assert sorted(progress.non_finite_ids) == bad.tolist() and progress.written == DOCS - bad.size
+    ids, vectors = open_index(str(tmp_path / "run")).read_matrix()
+    np.testing.assert_array_equal(ids, np.setdiff1d(np.arange(DOCS), bad))
+    clean = [rows for _, rows in collect_in_process(RunSpec(ModelSpec(str(offline_fixture.neox)), data, GradSpec(projection_dim=4)))]
+    clean_ids = np.concatenate([r.ids for r in clean])
+    assert_rows_close(vectors, np.concatenate([r.grads for r in clean])[np.isin(clean_ids, ids)])
+    assert Completion.load(str(tmp_path / "run"), "gradients").non_finite == bad.tolist()
+    assert verify(str(tmp_path / "run")).ok  # excluded on purpose, not missing
+    # Statistics over the same documents equal those of the clean documents alone.
+    kept = tmp_path / "kept.parquet"
+    pq.write_table(pq.read_table(offline_fixture.train).slice(0, DOCS).take(ids), kept)
+    fit(str(tmp_path / "stats"), RunSpec(ModelSpec(model), data, GradSpec(projection_dim=4)), "second-moment")
+    fit(str(tmp_path / "clean"), RunSpec(ModelSpec(str(offline_fixture.neox)), DataSpec(str(kept)), GradSpec(projection_dim=4)),
+        "second-moment")
+    (got, got_manifest), (want, _) = load_stats(tmp_path / "stats"), load_stats(tmp_path / "clean")
+    assert got_manifest["examples"] == DOCS - bad.size
+    for name, tensors in want.items():
+        scale = tensors["second_moment"].abs().max()
+        assert float((got[name]["second_moment"] - tensors["second_moment"]).abs().max() / scale) <= 1e-5
+
+
+def test_optimizer_state_that_runs_code_is_refused(tmp_path, offline_fixture):
+    witness = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {witness}",))
+
+    torch.save({"state": {0: Payload()}, "param_groups": [{"params": [0]}]}, tmp_path / "optimizer.pt")
+    result = runner.invoke(app, ["normalizer", str(tmp_path / "out"), "--model", str(offline_fixture.neox),
+                                 "--optimizer-state", str(tmp_path / "optimizer.pt")])
+    assert result.exit_code == 1 and "is not a plain optimizer state" in _one_line(result.output)
+    assert not witness.exists() and not (tmp_path / "out").exists()
+
+
+def test_model_that_is_not_a_causal_lm(ray_session, tmp_path, offline_fixture):
+    T5Config(d_model=16, num_layers=1, num_heads=2, d_ff=32, vocab_size=64).save_pretrained(tmp_path / "t5")
+    result = runner.invoke(app, ["build", str(tmp_path / "run"), "--model", str(tmp_path / "t5"),
+                                 "--dataset", str(offline_fixture.train)])
+    assert result.exit_code == 1 and "is not a causal LM (t5" in _one_line(result.output)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unreachable_ray_address(tmp_path, offline_fixture):
+    # A child process: this session's Ray is already connected.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-m", "rayattr", "build", str(tmp_path / "run"), "--model", str(offline_fixture.neox),
+         "--dataset", str(offline_fixture.train), "--ray-address", "127.0.0.1:9"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "cannot reach a Ray cluster at '127.0.0.1:9'" in _one_line(done.stderr)
+    assert not (tmp_path / "run").exists()
+
+
+def test_disk_full_while_saving_statistics(ray_session, tmp_path, offline_fixture, monkeypatch):
+    spec = RunSpec(ModelSpec(str(offline_fixture.neox)), DataSpec(str(offline_fixture.train), split="train[:8]"),
+                   GradSpec(projection_dim=4))
+    real_open = open
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        if "w" in mode and str(path).startswith(str(tmp_path / "stats")):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    with pytest.raises(RayattrError, match=r"cannot write .*No space left on device.*free space"):
+        fit(str(tmp_path / "stats"), spec, "second-moment")
+    monkeypatch.undo()
+    assert not storage.exists(str(tmp_path / "stats" / "manifest.json"))  # nothing looks complete
+    assert not [p for p in Path(tmp_path / "stats").glob(".*tmp*")]  # no temp file left behind
+    fit(str(tmp_path / "stats"), spec, "second-moment")  # with space again, the same command works
+    assert load_stats(tmp_path / "stats")[1]["examples"] == 8
+
+
+def test_corrupt_table_is_named(ray_session, tmp_path, offline_fixture):
+    run = tmp_path / "run"
+    args = ["build", str(run), "--model", str(offline_fixture.neox), "--dataset", str(offline_fixture.train),
+            "--split", "train[:16]", "--projection-dim", "4"]
+    assert runner.invoke(app, args).exit_code == 0
+    for data_file in (run / "gradients.lance" / "data").glob("*.lance"):
+        data_file.unlink()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "is corrupt or partly written" in _one_line(result.output)
+    assert any("corrupt or partly written" in p for p in verify(str(run)).problems)
