@@ -88,6 +88,13 @@ def remove(uri: str) -> None:
         fs.delete_file(path)
 
 
+def remove_tree(uri: str) -> None:
+    """Delete a directory and everything under it, if it exists."""
+    fs, path = _resolve(str(uri))
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """Names of the files directly under ``uri`` ending in ``suffix`` (empty when it does not exist)."""
     fs, path = _resolve(str(uri))

@@ -106,6 +106,14 @@ def table_exists(uri: str, name: str) -> bool:
     return name in connect(uri).list_tables().tables
 
 
+def committed_ids(uri: str, name: str) -> np.ndarray:
+    """Sorted distinct ids of table ``name`` (empty when it does not exist), read a column at a time."""
+    if not table_exists(uri, name):
+        return np.zeros(0, np.int64)
+    batches = connect(uri).open_table(name).to_lance().to_batches(columns=["id"])
+    return np.unique(np.concatenate([np.zeros(0, np.int64)] + [b.column(0).to_numpy() for b in batches]))
+
+
 class RowTable:
     """A LanceDB table of rows keyed by dataset id (and token position in per-token tables).
 

@@ -1,14 +1,20 @@
-"""A worker process killed in the middle of a build or an on-the-fly score costs no row.
+"""A worker process killed in the middle of a build or an on-the-fly score costs no row,
+and a statistics fit killed halfway resumes from its checkpoints.
 
 Ray Data restarts a dead pool actor and retries its batches; a batch the dead
 actor had already committed is committed again and removed by the final
-de-duplication pass, so the table equals a clean run's.
+de-duplication pass, so the table equals a clean run's. A ZeRO group that
+loses a worker restarts and skips what was committed.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import numpy as np
 import psutil
@@ -18,6 +24,8 @@ from helpers import assert_rows_close, read_scores
 
 from rayattr.api import collect_in_process, open_index
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
+from rayattr.hessian.factors import load_stats
+from rayattr.ray.fit import fit
 from rayattr.ray.pipeline import BuildProgress, build
 from rayattr.ray.score import ScoreSettings, reduce, score
 from rayattr.store import Completion
@@ -35,32 +43,51 @@ def spec(offline_fixture, tmp_path_factory) -> RunSpec:
 
 
 class KillOneWorker:
-    """A progress callback that SIGKILLs one pool actor process once ``after`` documents are done."""
+    """A progress callback that SIGKILLs one worker process (its command line names
+    ``process``) once ``after`` documents are done."""
 
-    def __init__(self, actor_class: str, after: int) -> None:
-        self.actor_class, self.after = actor_class, after
+    def __init__(self, process: str, after: int) -> None:
+        self.process, self.after = process, after
         self.killed: int | None = None
         self.docs_at_kill = 0
 
     def __call__(self, progress: BuildProgress) -> None:
         if self.killed is None and progress.docs >= self.after:
             workers = [p for p in psutil.process_iter(["pid", "cmdline"])
-                       if any(f"MapBatches({self.actor_class})" in part for part in p.info["cmdline"] or ())]
-            assert workers, f"no {self.actor_class} process found"
+                       if any(self.process in part for part in p.info["cmdline"] or ())]
+            assert workers, f"no {self.process} process found"
             self.killed, self.docs_at_kill = workers[0].pid, progress.docs
             os.kill(self.killed, signal.SIGKILL)
 
 
-def test_killed_gradient_worker_costs_no_row(ray_session, tmp_path, spec):
-    kill = KillOneWorker("GradientWorker", after=64)
-    run = str(tmp_path / "run")
-    progress = build(run, spec, workers=2, docs_per_write=8, on_progress=kill)
-    assert kill.killed is not None and kill.docs_at_kill < DOCS  # the kill landed before the end
-    chunks = [rows for _, rows in collect_in_process(spec)]
+@pytest.fixture(scope="module")
+def reference(spec) -> np.ndarray:
+    return np.concatenate([rows.grads for _, rows in collect_in_process(spec)])
+
+
+def _assert_clean_table(run: str, reference: np.ndarray) -> None:
     ids, vectors = open_index(run).read_matrix()
     np.testing.assert_array_equal(ids, np.arange(DOCS))  # every id exactly once
-    assert_rows_close(vectors, np.concatenate([rows.grads for rows in chunks]))
-    assert Completion.load(run, "gradients").rows == DOCS and progress.written >= DOCS
+    assert_rows_close(vectors, reference)
+    assert Completion.load(run, "gradients").rows == DOCS
+
+
+def test_killed_gradient_worker_costs_no_row(ray_session, tmp_path, spec, reference):
+    kill = KillOneWorker("MapBatches(GradientWorker)", after=64)
+    run = str(tmp_path / "run")
+    build(run, spec, workers=2, docs_per_write=8, on_progress=kill)
+    assert kill.killed is not None and kill.docs_at_kill < DOCS  # the kill landed before the end
+    _assert_clean_table(run, reference)
+
+
+def test_killed_zero_worker_restarts_the_group_from_committed_rows(ray_session, tmp_path, spec, reference):
+    kill = KillOneWorker("RayTrainWorker", after=48)
+    run = str(tmp_path / "run")
+    progress = build(run, spec, workers=2, docs_per_write=8, on_progress=kill, zero_stage=3)
+    assert kill.killed is not None and kill.docs_at_kill < DOCS
+    _assert_clean_table(run, reference)
+    # The group restarted and its workers skipped what the lost attempt had committed.
+    assert sum(report.resumed_past for report in progress.workers) >= 8
 
 
 def test_killed_scoring_worker_costs_no_score(ray_session, tmp_path, spec, offline_fixture):
@@ -69,7 +96,7 @@ def test_killed_scoring_worker_costs_no_score(ray_session, tmp_path, spec, offli
     reduce(str(tmp_path / "query"), queries, aggregation="none")
     settings = ScoreSettings(top_k=5)
     score(str(tmp_path / "clean"), str(tmp_path / "query"), settings, spec=spec, workers=1, docs_per_write=64)
-    kill = KillOneWorker("ScoringWorker", after=64)
+    kill = KillOneWorker("MapBatches(ScoringWorker)", after=64)
     score(str(tmp_path / "killed"), str(tmp_path / "query"), settings, spec=spec, workers=2, docs_per_write=8,
           on_progress=kill)
     assert kill.killed is not None and kill.docs_at_kill < DOCS
@@ -77,3 +104,35 @@ def test_killed_scoring_worker_costs_no_score(ray_session, tmp_path, spec, offli
     np.testing.assert_array_equal(ids, np.arange(DOCS))
     np.testing.assert_array_equal(ids, clean_ids)
     assert np.abs(scores - clean).max() <= 1e-5 * np.abs(clean).max()
+
+
+def test_killed_fit_resumes_from_its_checkpoints(ray_session, tmp_path, spec):
+    out = tmp_path / "stats"
+    script = textwrap.dedent(f"""
+        from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
+        from rayattr.ray.fit import fit
+        spec = RunSpec(ModelSpec({spec.model.model!r}), DataSpec({spec.data.dataset!r}),
+                       GradSpec(projection_dim=4, token_batch_size=64))
+        fit({str(out)!r}, spec, "ekfac", checkpoint_seconds=0.0)  # a checkpoint after every step
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    child = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and child.poll() is None and not list(out.glob("_partial/*/*.safetensors")):
+            time.sleep(0.2)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    assert list(out.glob("_partial/*/*.safetensors")) and not (out / "manifest.json").exists()
+    resumed = fit(str(out), spec, "ekfac")
+    assert resumed.resumed_examples > 0  # restored, not recomputed
+    assert not (out / "_partial").exists()  # removed once the statistics are saved
+    fit(str(tmp_path / "clean"), spec, "ekfac")
+    (got, manifest), (want, clean_manifest) = load_stats(out), load_stats(tmp_path / "clean")
+    assert manifest["tokens"] == clean_manifest["tokens"] and manifest["examples"] == clean_manifest["examples"]
+    for name, tensors in want.items():  # float32 rows in other batches: equal to float32 rounding
+        for key in ("A", "S", "lambda"):
+            scale = tensors[key].abs().max()
+            assert float((got[name][key] - tensors[key]).abs().max() / scale) <= 1e-6

@@ -12,7 +12,6 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import partial
 
 import ray
 import torch
@@ -23,11 +22,13 @@ from rayattr.grads.engine import GradientEngine, engine_for
 from rayattr.grads.normalizer import Normalizer, NormalizerKind
 from rayattr.hessian.factors import save_stats
 from rayattr.hessian.stats import METHODS, RowAccumulator, Sums, TokenAccumulator
-from rayattr.ray.pipeline import WorkerResources, prepare, shard_items, token_stream
+from rayattr.ray.checkpoint import PartialWriter, load_partials, pass_directory, remove_partials
+from rayattr.ray.pipeline import WorkerResources, prepare, resume_plan, token_stream
 from rayattr.ray.reduce import eigh_all, tree_reduce
 from rayattr.store import TableMeta
 
 DOCS_PER_STEP = 256
+CHECKPOINT_SECONDS = 60.0  # how often a worker saves its partial sums
 
 
 class StatsPass:
@@ -63,18 +64,24 @@ class StatsWorker:
         self.engine, self.meta = engine_for(spec)
         self.busy_seconds = 0.0
 
-    @ray.method(num_returns=2)
-    def consume(self, stream, method: str, eigenbases: Sums | None = None) -> tuple[Sums, TableMeta]:
+    def consume(self, stream, method: str, eigenbases: Sums | None, checkpoints: PartialWriter) -> Sums:
+        """Partial sums over this actor's split, checkpointed as they grow."""
         stats = StatsPass(self.engine, method, eigenbases)
         try:
             for batch in stream.iter_batches(batch_size=DOCS_PER_STEP, batch_format="pyarrow"):
                 docs = TokenizedDocs.from_arrow(batch)
                 started = time.perf_counter()
                 stats(docs)
+                checkpoints.covered(docs.ids)
+                checkpoints.maybe_save(stats.accumulator.sums)
                 self.busy_seconds += time.perf_counter() - started
+            checkpoints.maybe_save(stats.accumulator.sums, force=True)
         finally:
             sums = stats.close()
-        return sums, self.meta
+        return sums
+
+    def table_meta(self) -> TableMeta:
+        return self.meta
 
     def report(self) -> tuple[float, float]:
         """``(seconds spent computing, peak RSS in MB)`` of this actor, for the fit summary."""
@@ -90,14 +97,35 @@ class FitSummary:
     modules: dict[str, dict] = field(default_factory=dict)  # per module: shape, top eigenvalue, condition
     worker_compute_seconds: float = 0.0  # the busiest actor's time in forward/backward/accumulation
     worker_peak_rss_mb: float = 0.0
+    resumed_examples: int = 0  # documents whose sums were restored from an interrupted run's checkpoints
 
 
-def _pass(spec: RunSpec, shards: list[Shard], actors: list, method: str, eigenbases: Sums | None = None) -> tuple[Sums, TableMeta]:
-    """One streaming pass over the data, split between the actors, reduced in a tree."""
-    splits = token_stream(spec, shard_items(shards)).streaming_split(len(actors), equal=False)
-    bases_ref = ray.put(eigenbases) if eigenbases is not None else None
-    sums_refs, meta_refs = zip(*(actor.consume.remote(split, method, bases_ref) for actor, split in zip(actors, splits)))
-    return ray.get(tree_reduce(list(sums_refs))), same_meta(ray.get(list(meta_refs)))
+@dataclass
+class _Passes:
+    """Replica passes of one fit: streaming splits over the actors, checkpointed under ``out_dir``."""
+
+    spec: RunSpec
+    shards: list[Shard]
+    actors: list
+    out_dir: str
+    checkpoint_seconds: float
+    resumed: int = 0  # documents whose sums came from checkpoints of an interrupted run
+
+    def __call__(self, method: str, eigenbases: Sums | None = None) -> tuple[Sums, TableMeta]:
+        """One pass: the documents no checkpoint covers, split between the actors; old and
+        new partial sums reduced in a tree."""
+        directory = pass_directory(self.out_dir, self.spec, method, eigenbases)
+        restored = load_partials(directory)
+        self.resumed += sum(len(p.ids) for p in restored)
+        items = resume_plan(self.shards, (p.ids for p in restored))
+        partials = [ray.put(p.sums) for p in restored]
+        if items:
+            splits = token_stream(self.spec, items).streaming_split(len(self.actors), equal=False)
+            bases = ray.put(eigenbases) if eigenbases is not None else None
+            partials += [actor.consume.remote(split, method, bases, PartialWriter(directory, self.checkpoint_seconds))
+                         for actor, split in zip(self.actors, splits)]
+        meta = same_meta(ray.get([actor.table_meta.remote() for actor in self.actors]))
+        return ray.get(tree_reduce(partials)), meta
 
 
 def same_meta(metas: list[TableMeta]) -> TableMeta:
@@ -108,12 +136,15 @@ def same_meta(metas: list[TableMeta]) -> TableMeta:
 
 
 def fit(out_dir: str, spec: RunSpec, method: str, *, workers: int = 1, ray_address: str | None = None,
-        normalizer_kind: NormalizerKind = "adafactor", zero_stage: int = 0) -> FitSummary:
+        normalizer_kind: NormalizerKind = "adafactor", zero_stage: int = 0,
+        checkpoint_seconds: float = CHECKPOINT_SECONDS) -> FitSummary:
     """Fit ``method`` statistics of ``spec.data`` and save them under ``out_dir``.
 
     second-moment: ``H = E[p p^T]`` per module with its eigendecomposition;
     kfac: ``A``, ``S`` and their eigenbases; ekfac: K-FAC plus the corrected
     eigenvalues ``Lambda``; normalizer: an Adam/Adafactor normalizer fitted from data.
+    Workers checkpoint their partial sums every ``checkpoint_seconds``; rerunning
+    an interrupted fit with the same arguments resumes from them.
     ``zero_stage=3`` partitions the model over the workers (``rayattr.ray.zero``).
     """
     check_method(method)
@@ -127,9 +158,12 @@ def fit(out_dir: str, spec: RunSpec, method: str, *, workers: int = 1, ray_addre
     resources = WorkerResources.plan(workers)
     actors = [StatsWorker.options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, scheduling_strategy="SPREAD")
               .remote(spec, resources.threads) for _ in range(workers)]
-    summary = fit_passes(out_dir, spec, method, partial(_pass, spec, shards, actors), normalizer_kind)
+    passes = _Passes(spec, shards, actors, out_dir, checkpoint_seconds)
+    summary = fit_passes(out_dir, spec, method, passes, normalizer_kind)
+    remove_partials(out_dir)
     busy, rss = _report(actors)
-    return replace(summary, seconds=time.perf_counter() - start, worker_compute_seconds=busy, worker_peak_rss_mb=rss)
+    return replace(summary, seconds=time.perf_counter() - start, worker_compute_seconds=busy, worker_peak_rss_mb=rss,
+                   resumed_examples=passes.resumed)
 
 
 def check_method(method: str) -> None:

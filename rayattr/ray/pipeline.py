@@ -27,7 +27,7 @@ from rayattr.grads.collector import select_modules
 from rayattr.grads.engine import GradientEngine, engine_for
 from rayattr.model import load_config, load_tokenizer, max_positions
 from rayattr.score import QueryPreprocess
-from rayattr.store import GRADIENTS, Completion, GradientTable, RowTable, TableMeta, table_exists
+from rayattr.store import GRADIENTS, Completion, GradientTable, TableMeta, table_exists
 
 DOCS_PER_WRITE = 256
 TOKENIZE_CPUS = 0.5
@@ -224,13 +224,12 @@ class BuildProgress:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def resume_plan(shards: list[Shard], table: RowTable | None) -> list[dict]:
-    """Shard items with the ids each already has in the table; complete shards drop out."""
-    if table is None:
-        return shard_items(shards)
+def resume_plan(shards: list[Shard], done: Iterable[np.ndarray] = ()) -> list[dict]:
+    """Shard items with the ids of each already done (streamed from a table's ``iter_ids``,
+    or a checkpoint's); complete shards drop out."""
     starts = np.array([s.first_id for s in shards], np.int64)
     done_ids: list[list[np.ndarray]] = [[] for _ in shards]
-    for ids in table.iter_ids():
+    for ids in done:
         slot = np.searchsorted(starts, ids, side="right") - 1
         for index in np.unique(slot):
             if index >= 0:
@@ -291,7 +290,7 @@ def plan_build(run_path: str, spec: RunSpec, ray_address: str | None, table: str
     """The shard items a build still has to write (ids already in the table drop out) and every
     shard's ``(first id, rows)``; sets ``progress.total_docs`` and marks the table partial."""
     shards = prepare(spec, ray_address)
-    items = resume_plan(shards, GradientTable.open(run_path, table) if table_exists(run_path, table) else None)
+    items = resume_plan(shards, GradientTable.open(run_path, table).iter_ids() if table_exists(run_path, table) else ())
     progress.total_docs = sum(s["num_rows"] - len(s["done_ids"]) for s in items)
     Completion.clear(run_path, table)
     return items, [(s.first_id, s.num_rows) for s in shards]

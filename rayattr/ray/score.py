@@ -275,7 +275,7 @@ def score(
     resources = WorkerResources.plan(workers)
     progress = BuildProgress(total_docs=0)
     if spec is not None:
-        items = resume_plan(shards, table)
+        items = resume_plan(shards, table.iter_ids())
         progress.total_docs = sum(s["num_rows"] - len(s["done_ids"]) for s in items)
         dataset = token_stream(spec, items) if items else None
     else:

@@ -26,11 +26,12 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Protocol
 
+import numpy as np
 import pyarrow as pa
 import ray
 import torch
 import torch.distributed as dist
-from ray.train import DataConfig, RunConfig, ScalingConfig
+from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from torch import nn
 
@@ -45,10 +46,11 @@ from rayattr.ray.pipeline import (
     prepare, shard_items, token_stream, user_errors,
 )
 from rayattr.ray.reduce import tree_reduce
-from rayattr.store import GRADIENTS, TableMeta
+from rayattr.store import GRADIENTS, SCORES, TableMeta, committed_ids
 
 DOCS = "docs"  # the Ray Train dataset name of the token stream
 POLL_SECONDS = 0.5  # how often the driver collects build summaries while the group runs
+GROUP_RESTARTS = 3  # a group that loses a worker restarts this often before the run fails
 
 
 def deepspeed_config(precision: str) -> dict:
@@ -134,6 +136,7 @@ class WorkerReport:
     model_numel: int  # parameter elements of the whole model
     passes: int  # forward+backward passes over real documents
     idle_passes: int  # passes over the empty batch, to keep lock-step
+    resumed_past: int  # documents skipped as already committed (after a group restart, or on resume)
     seconds: float  # time in the lock-step loop, collectives included
     peak_rss_mb: float
 
@@ -152,11 +155,37 @@ class _Job(Protocol):
 
     def start(self, spec: RunSpec, engine: GradientEngine, meta: TableMeta, mailbox: Any) -> Callable[[pa.Table], None]: ...
 
+    skipped: int  # documents of the stream left out by ``pending``
+
+    def pending(self, batch: pa.Table) -> pa.Table: ...
+
     def result(self) -> Any: ...
 
 
+class _SkipsCommitted:
+    """For jobs that write rows: a group restarted after losing a worker re-reads the
+    stream from the start, and each worker skips the ids already committed to its
+    table, so the restart resumes from the last committed batch."""
+
+    run_path: str
+    table: str
+    _committed: np.ndarray | None = None
+
+    def _read_committed(self) -> None:
+        self._committed = committed_ids(self.run_path, self.table)
+
+    skipped: int = 0  # documents of this worker's stream found committed
+
+    def pending(self, batch: pa.Table) -> pa.Table:
+        if self._committed is None or not self._committed.size:
+            return batch
+        todo = ~np.isin(batch.column("id").to_numpy(), self._committed)
+        self.skipped += int((~todo).sum())
+        return batch.filter(pa.array(todo))
+
+
 @dataclass
-class _WriteRows:
+class _WriteRows(_SkipsCommitted):
     """Build: every step goes through a GradientWorker (the replica pool's writer) on the partitioned engine."""
 
     run_path: str
@@ -164,6 +193,7 @@ class _WriteRows:
     docs_per_step: int
 
     def start(self, spec: RunSpec, engine: GradientEngine, meta: TableMeta, mailbox: Any) -> Callable[[pa.Table], None]:
+        self._read_committed()
         writer = GradientWorker(spec, self.run_path, torch.get_num_threads(), self.table, loaded=(engine, meta))
         return lambda batch: mailbox.post.remote(writer(batch))
 
@@ -178,28 +208,34 @@ class _AccumulateStats:
     method: str
     eigenbases: ray.ObjectRef | None
     docs_per_step: int = DOCS_PER_STEP
+    skipped: int = 0
     _stats: StatsPass | None = None
 
     def start(self, spec: RunSpec, engine: GradientEngine, meta: TableMeta, mailbox: Any) -> Callable[[pa.Table], None]:
         self._stats = StatsPass(engine, self.method, ray.get(self.eigenbases) if self.eigenbases is not None else None)
         return lambda batch: self._stats(TokenizedDocs.from_arrow(batch))
 
+    def pending(self, batch: pa.Table) -> pa.Table:
+        return batch  # partial sums live in memory: a restarted group redoes the whole pass
+
     def result(self) -> Sums:
         return self._stats.close()
 
 
 @dataclass
-class _ScoreRows:
+class _ScoreRows(_SkipsCommitted):
     """On-the-fly scoring: every step goes through a ScoringWorker (the replica pool's scorer) on the partitioned engine."""
 
     run_path: str
     queries: ray.ObjectRef
     settings: Any  # ScoreSettings
     docs_per_step: int
+    table: str = SCORES
 
     def start(self, spec: RunSpec, engine: GradientEngine, meta: TableMeta, mailbox: Any) -> Callable[[pa.Table], None]:
         from rayattr.ray.score import ScoringWorker
 
+        self._read_committed()
         scorer = ScoringWorker(self.run_path, torch.get_num_threads(), self.queries, self.settings, spec,
                                loaded=(engine, meta))
         return lambda batch: mailbox.post.remote(scorer(batch))
@@ -244,10 +280,10 @@ def _worker_loop(config: dict) -> None:
         consume = job.start(spec, engine, meta, mailbox)
         started = time.perf_counter()
         batches = ray.train.get_dataset_shard(DOCS).iter_batches(batch_size=job.docs_per_step, batch_format="pyarrow")
-        passes, idle = run_lockstep(iter(batches), engine, consume)
+        passes, idle = run_lockstep((job.pending(batch) for batch in batches), engine, consume)
         rank = ray.train.get_context().get_world_rank()
-        report = WorkerReport(rank, *partition_numel(engine.model), passes, idle, time.perf_counter() - started,
-                              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        report = WorkerReport(rank, *partition_numel(engine.model), passes, idle, job.skipped,
+                              time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         ray.get(mailbox.finish.remote(rank, report, meta, job.result()))
 
 
@@ -280,7 +316,8 @@ def _run_group(spec: RunSpec, dataset: ray.data.Dataset, workers: int, job: _Job
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=resources.num_gpus > 0, resources_per_worker=per_worker),
         datasets={DOCS: dataset},
         dataset_config=_WholeSplit(),
-        run_config=RunConfig(name=f"rayattr-zero-{uuid.uuid4().hex[:12]}"),
+        run_config=RunConfig(name=f"rayattr-zero-{uuid.uuid4().hex[:12]}",
+                             failure_config=FailureConfig(max_failures=GROUP_RESTARTS)),
     )
     with user_errors():
         trainer.fit()
