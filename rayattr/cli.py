@@ -87,8 +87,14 @@ PromptColumnOpt = Annotated[Optional[str], typer.Option(help="Prompt column (wit
 CompletionColumnOpt = Annotated[Optional[str], typer.Option(help="Completion column: loss on the completion only")]
 MaxLengthOpt = Annotated[Optional[int], typer.Option(help="Longest document in tokens (default: the model's)")]
 TruncationOpt = Annotated[bool, typer.Option(help="Cut documents longer than --max-length instead of failing")]
-ProjectionDimOpt = Annotated[int, typer.Option(help="Per-side projection p (p*p per module); 0 keeps full gradients")]
-ProjectionTypeOpt = Annotated[ProjectionKind, typer.Option(help="Distribution of projection entries")]
+ProjectionDimOpt = Annotated[int, typer.Option(
+    help="Kronecker types: per-side p (p*p per module); sketch types: total dimension D of each row; 0 keeps full gradients")]
+ProjectionTypeOpt = Annotated[ProjectionKind, typer.Option(
+    help="rademacher/normal (= kronecker-*): per-module L G R^T; afjl, affd, qk, fjl, dense: one sketch of the concatenated gradient")]
+RankTotalOpt = Annotated[Optional[int], typer.Option(
+    help="Kronecker: per-module budget p_out*p_in, split by module shape (replaces p x p)")]
+RankMinOpt = Annotated[int, typer.Option(help="Smallest p_out and p_in --proj-rank-total gives a module")]
+RowOrthonormalOpt = Annotated[bool, typer.Option(help="Kronecker factors with orthogonal rows (QR of the random draw)")]
 SeedOpt = Annotated[int, typer.Option(help="Projection seed")]
 ModulesOpt = Annotated[Optional[list[str]], typer.Option(help="Glob of module names to include (repeatable)")]
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option(help="Glob of module names to exclude (repeatable)")]
@@ -134,6 +140,9 @@ def _stream_options(
     truncation: TruncationOpt = False,
     projection_dim: ProjectionDimOpt = 16,
     projection_type: ProjectionTypeOpt = ProjectionKind.rademacher,
+    proj_rank_total: RankTotalOpt = None,
+    proj_rank_min: RankMinOpt = 1,
+    row_orthonormal: RowOrthonormalOpt = False,
     seed: SeedOpt = 0,
     modules: ModulesOpt = None,
     exclude_modules: ExcludeOpt = None,
@@ -170,7 +179,8 @@ def streams_dataset(*without: str) -> Callable[[Callable], Callable]:
 
 @app.command()
 @_user_errors
-@streams_dataset("projection_dim", "projection_type", "seed", "normalizer")
+@streams_dataset("projection_dim", "projection_type", "proj_rank_total", "proj_rank_min", "row_orthonormal", "seed",
+                 "normalizer")
 def normalizer(
     out: Annotated[Path, typer.Argument(help="Directory to write the normalizer into")],
     model: ModelOpt,

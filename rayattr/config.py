@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Precision = Literal["fp32", "bf16", "fp16"]
-ProjectionType = Literal["rademacher", "normal"]
+KroneckerType = Literal["rademacher", "normal"]
+SketchType = Literal["fjl", "afjl", "affd", "qk", "dense"]
+# Kronecker types also go by their explicit names; specs store the short ones, so
+# tables built before the sketches existed keep their projection fingerprints.
+ProjectionType = Literal[
+    "rademacher", "normal", "kronecker-rademacher", "kronecker-normal", "fjl", "afjl", "affd", "qk", "dense"
+]
+KRONECKER_ALIASES = {"kronecker-rademacher": "rademacher", "kronecker-normal": "normal"}
 VectorDtype = Literal["float16", "float32"]
 
 
@@ -93,7 +100,14 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class GradSpec:
-    """How per-example gradients are captured, compressed and stored."""
+    """How per-example gradients are captured, compressed and stored.
+
+    Kronecker types project each module to ``p_out x p_in``: ``projection_dim``
+    on both sides, or per-module sizes allocated from ``proj_rank_total``
+    (``rayattr.grads.allocation``). Sketch types (``afjl``, ``affd``, ``qk``,
+    ``fjl``, ``dense``) sketch each example's concatenated full gradient to
+    ``projection_dim`` numbers in one go (``rayattr.grads.sketch``).
+    """
 
     projection_dim: int = 16
     projection_type: ProjectionType = "rademacher"
@@ -104,19 +118,60 @@ class GradSpec:
     token_batch_size: int = 2048
     dtype: VectorDtype = "float32"
     normalizer: str | None = None  # directory written by `rayattr normalizer`
+    proj_rank_total: int | None = None  # per-module budget p_out * p_in <= this; None: p x p
+    proj_rank_min: int = 1  # smallest p_out and p_in the allocation gives a module
+    row_orthonormal: bool = False  # Kronecker factors with orthogonal rows (QR of the draw)
 
     def __post_init__(self) -> None:
         if self.projection_dim < 0:
             raise RayattrError(f"--projection-dim must be >= 0 (0 keeps full gradients), got {self.projection_dim}")
+        kind = KRONECKER_ALIASES.get(self.projection_type, self.projection_type)
+        if kind not in typing.get_args(ProjectionType):
+            raise RayattrError(
+                f"unknown projection type {kind!r}; use one of {', '.join(typing.get_args(ProjectionType))}"
+            )
+        object.__setattr__(self, "projection_type", kind)
+        self._check_kronecker_options()
         if self.token_batch_size < 2:
             raise RayattrError(f"--token-batch-size must be >= 2, got {self.token_batch_size}")
         # Lists from YAML/CLI become tuples so specs stay hashable.
         object.__setattr__(self, "modules", tuple(self.modules))
         object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
 
+    def _check_kronecker_options(self) -> None:
+        """Rank allocation and orthonormal rows shape Kronecker factors; refuse them elsewhere."""
+        asked = [flag for flag, on in (("--proj-rank-total", self.proj_rank_total is not None),
+                                       ("--row-orthonormal", self.row_orthonormal)) if on]
+        if asked and (self.sketched or not self.projection_dim):
+            raise RayattrError(
+                f"{' and '.join(asked)} shape Kronecker projections: use --projection-type rademacher or normal "
+                f"with --projection-dim > 0 (got {self.projection_type!r}, dim {self.projection_dim})"
+            )
+        if self.proj_rank_min < 1:
+            raise RayattrError(f"--proj-rank-min must be >= 1, got {self.proj_rank_min}")
+        if self.proj_rank_total is not None and self.proj_rank_total < self.proj_rank_min**2:
+            raise RayattrError(
+                f"--proj-rank-total {self.proj_rank_total} is below --proj-rank-min squared "
+                f"({self.proj_rank_min}^2 = {self.proj_rank_min**2}): no module could get its minimum"
+            )
+
+    @property
+    def sketched(self) -> bool:
+        """Whether rows are one sketch of the concatenated gradient (not per-module blocks)."""
+        return bool(self.projection_dim) and self.projection_type in typing.get_args(SketchType)
+
     def projection_fingerprint(self) -> str:
-        """The fields that decide which random subspace vectors live in."""
-        return stable_hash({"dim": self.projection_dim, "type": self.projection_type, "seed": self.seed})
+        """The fields that decide which random subspace vectors live in.
+
+        Options at their defaults are left out, so specs that predate them keep
+        their fingerprints.
+        """
+        fields: dict[str, Any] = {"dim": self.projection_dim, "type": self.projection_type, "seed": self.seed}
+        if self.proj_rank_total is not None:
+            fields |= {"rank_total": self.proj_rank_total, "rank_min": self.proj_rank_min}
+        if self.row_orthonormal:
+            fields["row_orthonormal"] = True
+        return stable_hash(fields)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from rayattr.store import ScoreTable
+from rayattr.config import DataSpec, GradSpec
+from rayattr.grads.engine import GradientEngine, GradientRows
+from rayattr.store import ScoreTable, TableMeta
 
 
 def assert_rows_close(actual: np.ndarray, expected: np.ndarray, tol: float = 1e-5) -> None:
@@ -23,3 +25,12 @@ def read_scores(run_path: str) -> tuple[np.ndarray, np.ndarray]:
     """``(ids, scores[n, Q])`` of a run's score table, sorted by id."""
     table = ScoreTable.open(run_path).table.to_arrow().sort_by("id")
     return table.column("id").to_numpy(), np.stack(table.column("scores").to_numpy(zero_copy_only=False))
+
+
+def engine_rows(model, spec: GradSpec, docs, padding_side: str = "right") -> tuple[GradientRows, GradientEngine, TableMeta]:
+    """Rows of ``docs``, the (closed) engine that made them, and its table metadata."""
+    engine = GradientEngine(model, spec, model.config.pad_token_id, padding_side=padding_side)
+    try:
+        return engine.rows(docs), engine, engine.table_meta({"name": "fixture"}, DataSpec("d"))
+    finally:
+        engine.close()

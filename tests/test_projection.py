@@ -13,9 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from helpers import engine_rows
 from rayattr.config import GradSpec, RayattrError
 from rayattr.data import TokenizedDocs
 from rayattr.grads.engine import GradientEngine
+from rayattr.grads.allocation import allocate_ranks
 from rayattr.grads.projection import KroneckerProjection, module_projection, random_matrix, stable_seed
 
 TOL = 1e-5
@@ -52,20 +54,11 @@ def docs(offline_fixture, fixture_tokenizer) -> TokenizedDocs:
 def test_projected_rows_equal_projection_of_exact_gradient(model_kind, kind, load_fixture_model, docs):
     p = 8
     model = load_fixture_model(model_kind)
-    full_engine = GradientEngine(model, GradSpec(projection_dim=0, token_batch_size=4096), model.config.pad_token_id)
-    try:
-        full = full_engine.rows(docs)
-        full_layouts = {lay.name: lay for lay in full_engine.layouts}
-    finally:
-        full_engine.close()
+    full, full_engine, _ = engine_rows(model, GradSpec(projection_dim=0, token_batch_size=4096), docs)
+    full_layouts = {lay.name: lay for lay in full_engine.layouts}
     spec = GradSpec(projection_dim=p, projection_type=kind, seed=3, token_batch_size=4096)
-    engine = GradientEngine(model, spec, model.config.pad_token_id, padding_side="left")
-    try:
-        projected = engine.rows(docs)
-        layouts = engine.layouts
-        projections = engine.collector.projections
-    finally:
-        engine.close()
+    projected, engine, _ = engine_rows(model, spec, docs, padding_side="left")
+    layouts, projections = engine.layouts, engine.collector.projections
 
     assert [lay.name for lay in layouts] == list(full_layouts)
     assert engine.dim == p * p * len(layouts)
@@ -204,3 +197,109 @@ def test_invalid_projection_type_raises(load_fixture_model):
         GradientEngine(model, GradSpec(projection_dim=4, projection_type="uniform"), pad_token_id=0)
     # No hooks are left behind by the failed construction.
     assert not any(m._forward_hooks for m in model.modules())
+
+
+# ----------------------------------------------------------------------------- rank allocation, orthonormal rows
+
+SHAPES = {"square": (64, 64), "wide": (64, 256), "tall": (256, 64), "head": (2328, 64), "tiny": (3, 500)}
+
+
+@pytest.mark.parametrize("total,minimum", [(64, 1), (256, 4), (300, 8), (4096, 16), (1 << 20, 2)])
+def test_rank_allocation_respects_budget_minimum_and_shape(total, minimum):
+    ranks = allocate_ranks(SHAPES, total, minimum)
+    assert list(ranks) == list(SHAPES) and ranks == allocate_ranks(dict(SHAPES), total, minimum)
+    for name, (p_out, p_in) in ranks.items():
+        out_f, in_f = SHAPES[name]
+        assert p_out * p_in <= total, (name, p_out, p_in)
+        assert min(minimum, out_f) <= p_out <= out_f and min(minimum, in_f) <= p_in <= in_f, (name, p_out, p_in)
+        # The budget is used: neither side could grow by one without breaking a bound.
+        assert (p_out + 1) * p_in > total or p_out == out_f
+        assert p_out * (p_in + 1) > total or p_in == in_f
+    # Sides follow the module's shape: a tall module gets more output rows than a wide one.
+    if total <= 4096:
+        assert ranks["tall"][0] > ranks["tall"][1] and ranks["wide"][0] < ranks["wide"][1]
+        assert ranks["tall"] == ranks["wide"][::-1]
+
+
+def test_rank_allocation_known_values():
+    # tall: sqrt(256) * (256/64)^(1/4) = 22.6 -> p_out 22, p_in 256 // 22 = 11, then p_out 256 // 11 = 23.
+    # head: 16 * (2328/64)^(1/4) = 39.3 -> 39, p_in 6, p_out 42. tiny: its 3 rows cap p_out below the minimum.
+    assert allocate_ranks(SHAPES, 256, 4) == {
+        "square": (16, 16), "wide": (11, 23), "tall": (23, 11), "head": (42, 6), "tiny": (3, 85),
+    }
+    assert allocate_ranks({"m": (8, 8)}, 1 << 20)["m"] == (8, 8)
+
+
+def test_rank_options_are_validated():
+    with pytest.raises(RayattrError, match="below --proj-rank-min squared"):
+        GradSpec(proj_rank_total=15, proj_rank_min=4)
+    for bad in ({"projection_type": "affd"}, {"projection_dim": 0}):
+        with pytest.raises(RayattrError, match="Kronecker projections"):
+            GradSpec(proj_rank_total=64, **bad)
+        with pytest.raises(RayattrError, match="Kronecker projections"):
+            GradSpec(row_orthonormal=True, **bad)
+
+
+def test_defaults_and_aliases_keep_fingerprints():
+    # The fingerprint of a default spec is the one tables built before rank options existed carry.
+    legacy = hashlib.sha256(b'{"dim":16,"seed":0,"type":"rademacher"}').hexdigest()[:16]
+    assert GradSpec().projection_fingerprint() == legacy
+    alias = GradSpec(projection_type="kronecker-rademacher")
+    assert alias.projection_type == "rademacher" and alias == GradSpec()
+    assert GradSpec(projection_type="kronecker-normal").projection_type == "normal"
+    changed = {GradSpec(proj_rank_total=64).projection_fingerprint(), GradSpec(row_orthonormal=True).projection_fingerprint(),
+               GradSpec(proj_rank_total=64, proj_rank_min=2).projection_fingerprint(), legacy}
+    assert len(changed) == 4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_row_orthonormal_factors(kind):
+    rows, cols = 12, 80
+    matrix = random_matrix(rows, cols, kind, seed=3, row_orthonormal=True).double()
+    torch.testing.assert_close(matrix @ matrix.T, torch.eye(rows, dtype=torch.float64) * cols / rows, rtol=0, atol=1e-5)
+    assert torch.equal(matrix.float(), random_matrix(rows, cols, kind, seed=3, row_orthonormal=True))
+    # It spans the same rows as the plain draw of that seed (QR of that draw).
+    plain = random_matrix(rows, cols, kind, seed=3).double()
+    torch.testing.assert_close(plain @ torch.linalg.pinv(matrix) @ matrix, plain, rtol=0, atol=1e-5)
+    with pytest.raises(RayattrError, match="orthonormal rows"):
+        random_matrix(cols, rows, kind, seed=3, row_orthonormal=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_row_orthonormal_inner_product_is_unbiased(kind):
+    out_f, in_f, p, n_seeds = 24, 20, 4, 400
+    rng = np.random.default_rng(1)
+    G = rng.standard_normal((out_f, in_f))
+    H = 0.6 * G + rng.standard_normal((out_f, in_f))
+    projections = [module_projection("ortho.module", out_f, in_f, p, kind, s, row_orthonormal=True) for s in range(n_seeds)]
+    L = np.stack([proj.left.double().numpy() for proj in projections])
+    R = np.stack([proj.right.double().numpy() for proj in projections])
+    inner = ((L @ G @ R.transpose(0, 2, 1)) * (L @ H @ R.transpose(0, 2, 1))).sum(axis=(1, 2))
+    mean, se, exact = inner.mean(), inner.std(ddof=1) / np.sqrt(n_seeds), float((G * H).sum())
+    assert abs(mean - exact) <= 3 * se and 3 * se < 0.2 * abs(exact), (mean, exact, se)
+
+
+@pytest.mark.parametrize("orthonormal", [False, True])
+def test_engine_rows_with_rank_allocation_equal_projection_of_exact_gradient(orthonormal, load_fixture_model, docs):
+    model = load_fixture_model("neox")
+    full, full_engine, _ = engine_rows(model, GradSpec(projection_dim=0, token_batch_size=4096), docs)
+    full_layouts = {lay.name: lay for lay in full_engine.layouts}
+    spec = GradSpec(proj_rank_total=200, proj_rank_min=4, row_orthonormal=orthonormal, seed=2, token_batch_size=4096)
+    rows, engine, meta = engine_rows(model, spec, docs)
+    ranks = allocate_ranks({name: (lay.out_features, lay.in_features) for name, lay in full_layouts.items()}, 200, 4)
+    assert len(set(ranks.values())) >= 3  # the modules really got different sizes
+    assert [(m["name"], m["p_out"], m["p_in"]) for m in meta.modules] == [(n, *r) for n, r in ranks.items()]
+    assert meta.projection | {"fingerprint": None} == {
+        "type": "rademacher", "dim": 16, "seed": 2, "rank_total": 200, "rank_min": 4, "fingerprint": None,
+    } | ({"row_orthonormal": True} if orthonormal else {})
+    assert engine.dim == sum(p_out * p_in for p_out, p_in in ranks.values()) == rows.grads.shape[1]
+    for lay in engine.layouts:
+        proj = module_projection(lay.name, lay.out_features, lay.in_features, ranks[lay.name], "rademacher", 2,
+                                 row_orthonormal=orthonormal)
+        left, right = proj.left.double().numpy(), proj.right.double().numpy()
+        flay = full_layouts[lay.name]
+        for i in range(len(docs)):
+            G = full.grads[i, flay.offset : flay.offset + flay.width].reshape(flay.out_features, flay.in_features)
+            want = left @ G.astype(np.float64) @ right.T
+            got = rows.grads[i, lay.offset : lay.offset + lay.width].reshape(lay.p_out, lay.p_in)
+            assert rel_err(got, want) <= TOL, lay.name

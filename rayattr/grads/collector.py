@@ -28,7 +28,9 @@ from transformers.pytorch_utils import Conv1D
 
 from rayattr.config import GradSpec, RayattrError
 from rayattr.grads.normalizer import Normalizer
+from rayattr.grads.allocation import allocate_ranks
 from rayattr.grads.projection import KroneckerProjection, module_projection
+from rayattr.grads.sketch import make_sketch
 
 
 @dataclass(frozen=True)
@@ -102,12 +104,22 @@ def select_modules(model: nn.Module, include: tuple[str, ...], exclude: tuple[st
     return chosen
 
 
-def plan_layout(shapes: dict[str, tuple[int, int]], projection_dim: int) -> list[ModuleLayout]:
-    """Assign each module its slice of the row vector (``p x p`` or full ``O x I``)."""
+def projection_sizes(shapes: dict[str, tuple[int, int]], spec: GradSpec) -> dict[str, tuple[int, int]]:
+    """Each module's ``(p_out, p_in)``: full ``(O, I)`` without a Kronecker projection
+    (``projection_dim=0`` or a sketch type, which sketches the full concatenation),
+    the allocation of ``proj_rank_total`` when set, else ``p x p``."""
+    if not spec.projection_dim or spec.sketched:
+        return dict(shapes)
+    if spec.proj_rank_total is not None:
+        return allocate_ranks(shapes, spec.proj_rank_total, spec.proj_rank_min)
+    return {name: (spec.projection_dim, spec.projection_dim) for name in shapes}
+
+
+def plan_layout(shapes: dict[str, tuple[int, int]], spec: GradSpec) -> list[ModuleLayout]:
+    """Assign each module its ``p_out x p_in`` slice of the row vector (before any sketch)."""
     layouts, offset = [], 0
-    for name, (out_features, in_features) in shapes.items():
-        p_out = projection_dim or out_features
-        p_in = projection_dim or in_features
+    for name, (p_out, p_in) in projection_sizes(shapes, spec).items():
+        out_features, in_features = shapes[name]
         layouts.append(ModuleLayout(name, out_features, in_features, p_out, p_in, offset))
         offset += p_out * p_in
     return layouts
@@ -117,16 +129,24 @@ class GradientCollector:
     """Turns one forward+backward pass into per-example gradient rows.
 
     Hooks stay registered for the collector's lifetime (``close`` removes
-    them); projection matrices are built once, on the model's device.
+    them); projection matrices are built once, on the model's device. With a
+    sketch type the hooks write full gradients into a ``width``-long row and the
+    sketch maps each finished row to ``dim`` numbers: one sketch over the whole
+    concatenation, so modules share the budget and a single seeded map fixes the
+    space (a per-module sketch would need a budget split like the Kronecker one).
     """
 
     def __init__(self, model: nn.Module, spec: GradSpec, normalizer: Normalizer | None = None) -> None:
         self.model = model
         self.spec = spec
         shapes = select_modules(model, spec.modules, spec.exclude_modules)
-        self.layouts = plan_layout(shapes, spec.projection_dim)
-        self.dim = sum(layout.width for layout in self.layouts)
+        self.layouts = plan_layout(shapes, spec)
+        self.width = sum(layout.width for layout in self.layouts)  # the hooks' row, before any sketch
         self.device = device = next(model.parameters()).device
+        self.sketch = None
+        if spec.sketched:
+            self.sketch = make_sketch(spec.projection_type, self.width, spec.projection_dim, spec.seed).to(device)
+        self.dim = spec.projection_dim if spec.sketched else self.width
         self.normalizer = normalizer
         # Adafactor: (row scale of g, col scale of a); Adam: elementwise 1/(sqrt(v)+eps) on the full G.
         self.scales: dict[str, tuple[torch.Tensor, torch.Tensor] | torch.Tensor] = {}
@@ -134,11 +154,11 @@ class GradientCollector:
             normalizer.check_shapes(shapes)
             self.scales = {layout.name: normalizer.factors(layout.name, device) for layout in self.layouts}
         self.projections: dict[str, KroneckerProjection] = {}
-        if spec.projection_dim:
+        if spec.projection_dim and not spec.sketched:
             for layout in self.layouts:
                 proj = module_projection(
-                    layout.name, layout.out_features, layout.in_features,
-                    spec.projection_dim, spec.projection_type, spec.seed,
+                    layout.name, layout.out_features, layout.in_features, (layout.p_out, layout.p_in),
+                    spec.projection_type, spec.seed, spec.row_orthonormal,
                 )
                 self.projections[layout.name] = KroneckerProjection(proj.left.to(device), proj.right.to(device))
         model.requires_grad_(False)
@@ -183,7 +203,7 @@ class GradientCollector:
             row_token_pos = doc_pos[row_example, token_index]
             rows = row_example.numel()
         self._valid = valid.unsqueeze(-1)
-        self._out = torch.zeros(rows, self.dim if emit_rows else 0, device=valid.device, dtype=torch.float32)
+        self._out = torch.zeros(rows, self.width if emit_rows else 0, device=valid.device, dtype=torch.float32)
         try:
             logits = self.model(
                 input_ids=batch.input_ids,
@@ -196,7 +216,8 @@ class GradientCollector:
             missing = [name for name in self._acts]
             if missing:
                 raise RuntimeError(f"modules ran forward but got no gradient: {missing[:4]}")
-            return CollectedBatch(self._out, loss.detach(), row_example, row_token_pos)
+            grads = self._out if self.sketch is None or not emit_rows else self.sketch(self._out)
+            return CollectedBatch(grads, loss.detach(), row_example, row_token_pos)
         finally:
             self._reset()
 
@@ -209,7 +230,7 @@ class GradientCollector:
         caller's loss decides which positions count.
         """
         self._summed = True
-        self._out = torch.zeros(1, self.dim, device=self.device, dtype=torch.float32)
+        self._out = torch.zeros(1, self.width, device=self.device, dtype=torch.float32)
 
     def end_sum(self) -> torch.Tensor:
         """The ``[D]`` row summed since ``begin_sum``; every forward must have had its backward."""
@@ -219,7 +240,7 @@ class GradientCollector:
                     f"modules {list(self._acts)[:4]} ran forward but got no gradient; "
                     "call loss.backward() inside the trace block"
                 )
-            return self._out[0]
+            return self._out[0] if self.sketch is None else self.sketch(self._out)[0]
         finally:
             self._reset()
 

@@ -7,6 +7,7 @@ distributed build equals an in-process one row by row.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -97,12 +98,7 @@ class GradientEngine:
         return TableMeta(
             model=model_fingerprint,
             modules=[asdict(layout) | {"width": layout.width} for layout in self.layouts],
-            projection={
-                "type": self.spec.projection_type,
-                "dim": self.spec.projection_dim,
-                "seed": self.spec.seed,
-                "fingerprint": self.spec.projection_fingerprint(),
-            },
+            projection=self.projection_meta(),
             dtype=self.spec.dtype,
             dim=self.dim,
             per_token=self.spec.per_token,
@@ -110,6 +106,23 @@ class GradientEngine:
             data=to_dict(data),
             source={"model": to_dict(model) if model else None, "grads": to_dict(self.spec)},
         )
+
+    def projection_meta(self) -> dict[str, Any]:
+        """Type, dim, seed and fingerprint; plus the options that change the space when set.
+
+        Per-module sizes (also those allocated from a rank budget) are in the
+        module layout; a sketch records the length of the concatenation it maps.
+        """
+        spec = self.spec
+        meta: dict[str, Any] = {"type": spec.projection_type, "dim": spec.projection_dim, "seed": spec.seed,
+                                "fingerprint": spec.projection_fingerprint()}
+        if spec.sketched:
+            meta["input_dim"] = self.collector.width
+        if spec.proj_rank_total is not None:
+            meta |= {"rank_total": spec.proj_rank_total, "rank_min": spec.proj_rank_min}
+        if spec.row_orthonormal:
+            meta["row_orthonormal"] = True
+        return meta
 
     def rows(self, docs: TokenizedDocs) -> GradientRows:
         """Gradient rows of ``docs`` in input order; docs without a loss token are skipped."""

@@ -149,6 +149,11 @@ def fit(out_dir: str, spec: RunSpec, method: str, *, workers: int = 1, ray_addre
     """
     check_method(method)
     check_zero_stage(zero_stage)
+    if spec.grads.sketched and method != "normalizer":
+        raise RayattrError(
+            f"{method} statistics are per module, but a {spec.grads.projection_type} sketch mixes all modules "
+            "into one vector; fit them with a Kronecker projection (--projection-type rademacher or normal)"
+        )
     if zero_stage:
         from rayattr.ray.zero import zero_fit
 
