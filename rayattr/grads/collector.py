@@ -27,8 +27,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from rayattr.config import GradSpec, RayattrError
-from rayattr.grads.normalizer import Normalizer
 from rayattr.grads.allocation import allocate_ranks
+from rayattr.grads.normalizer import Normalizer
 from rayattr.grads.projection import KroneckerProjection, module_projection
 from rayattr.grads.sketch import make_sketch
 
