@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -83,6 +84,21 @@ def test_non_finite_documents_get_no_row_and_stay_out_of_statistics(ray_session,
     for name, tensors in want.items():
         scale = tensors["second_moment"].abs().max()
         assert float((got[name]["second_moment"] - tensors["second_moment"]).abs().max() / scale) <= 1e-5
+
+
+def test_empty_documents_are_skipped_counted_and_recorded(ray_session, tmp_path, offline_fixture, fixture_tokenizer):
+    texts = pq.read_table(offline_fixture.train).column("text").to_pylist()[:8]
+    texts[2] = ""
+    texts[5] = fixture_tokenizer.decode(fixture_tokenizer(texts[5])["input_ids"][:1])
+    assert len(fixture_tokenizer(texts[5])["input_ids"]) == 1  # one token: nothing to predict either
+    train = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"text": texts}), train)
+    run = str(tmp_path / "run")
+    progress = build(run, RunSpec(ModelSpec(str(offline_fixture.neox)), DataSpec(str(train)), GradSpec(projection_dim=4)))
+    assert progress.skipped == 2 and sorted(progress.skipped_ids) == [2, 5] and progress.written == 6
+    np.testing.assert_array_equal(open_index(run).read_matrix()[0], [0, 1, 3, 4, 6, 7])
+    assert Completion.load(run, "gradients").skipped == [2, 5]
+    assert verify(run).ok
 
 
 def test_optimizer_state_that_runs_code_is_refused(tmp_path, offline_fixture):

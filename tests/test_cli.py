@@ -40,6 +40,7 @@ def test_fixture_command_reports_paths(tmp_path):
     ("args", "message"),
     [
         (["--text-column", "body"], "has no column ['body']"),
+        (["--prompt-column", "question", "--completion-column", "text"], "has no column ['question']"),
         (["--split", "train[5:5]"], "has no rows"),
         (["--max-length", "8"], "longer than --max-length 8"),
         (["--modules", "nothing*"], "no Linear/Conv1D module matches"),

@@ -90,8 +90,10 @@ class WorkerResources:
         (model replicas on different nodes share no memory or GPU)."""
         # Two batches in flight per actor keep it busy without letting the first actor
         # to start take the whole queue while the others load their models.
+        # A dead actor is restarted and its batches retried (what it had committed is
+        # repaired by the final de-duplication), however often a preemptible node goes away.
         return {"compute": ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2), "num_cpus": self.num_cpus,
-                "num_gpus": self.num_gpus, "scheduling_strategy": "SPREAD"}
+                "num_gpus": self.num_gpus, "scheduling_strategy": "SPREAD", "max_restarts": -1, "max_task_retries": -1}
 
 
 def read_and_tokenize(shards: pa.Table, data: DataSpec, tokenizer_name: str, revision: str | None, max_length: int) -> Iterator[pa.Table]:
