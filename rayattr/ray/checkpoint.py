@@ -68,8 +68,8 @@ def remove_partials(out_dir: str) -> None:
 class PartialWriter:
     """A worker's checkpoint file, rewritten at most every ``every_seconds`` with its running sums."""
 
-    def __init__(self, directory: str | None, every_seconds: float) -> None:
-        self.uri = None if directory is None else storage.join(directory, f"{uuid.uuid4().hex}.safetensors")
+    def __init__(self, directory: str, every_seconds: float) -> None:
+        self.uri = storage.join(directory, f"{uuid.uuid4().hex}.safetensors")
         self.every_seconds = every_seconds
         self.ids: list[np.ndarray] = []
         self.last = time.monotonic()
@@ -79,7 +79,7 @@ class PartialWriter:
         self.ids.append(ids)
 
     def maybe_save(self, sums: Sums, force: bool = False) -> None:
-        if self.uri is None or not self.ids or (not force and time.monotonic() - self.last < self.every_seconds):
+        if not self.ids or (not force and time.monotonic() - self.last < self.every_seconds):
             return
         if any(not tensors for tensors in sums.values()):
             return  # no document with a loss token yet: nothing worth keeping

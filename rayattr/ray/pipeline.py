@@ -207,7 +207,6 @@ class BuildProgress:
     docs: int = 0
     tokens: int = 0
     written: int = 0
-    skipped: int = 0
     skipped_ids: list[int] = field(default_factory=list)  # documents with no loss token (never written)
     non_finite_ids: list[int] = field(default_factory=list)  # documents with a NaN/Inf loss or gradient (never written)
     seconds: float = 0.0
@@ -216,6 +215,10 @@ class BuildProgress:
     nodes: set[str] = field(default_factory=set)  # Ray node ids of the workers that wrote rows
     started: float = field(default_factory=time.perf_counter)
     wall_start: float = field(default_factory=time.time)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_ids)
 
     def finish(self) -> None:
         """Bring ``seconds`` up to now."""
@@ -271,7 +274,7 @@ def build(
         return zero_build(run_path, spec, workers=workers, ray_address=ray_address, on_progress=on_progress,
                           docs_per_write=docs_per_write, table=table)
     progress = BuildProgress(total_docs=0)
-    items, ranges = plan_build(run_path, spec, ray_address, table, progress)
+    items, shards = plan_build(run_path, spec, ray_address, table, progress)
     resources = WorkerResources.plan(workers)
     if items:
         dataset = token_stream(spec, items).map_batches(
@@ -282,29 +285,35 @@ def build(
             fn_constructor_kwargs=dict(spec=spec, run_path=run_path, threads=resources.threads, table=table, query=query),
         )
         drain(dataset, progress, on_progress)
-    finish_build(run_path, table, progress, ranges)
+    finish_build(run_path, table, progress, shards)
     progress.finish()
     return progress
 
 
 def plan_build(run_path: str, spec: RunSpec, ray_address: str | None, table: str,
-               progress: BuildProgress) -> tuple[list[dict], list[tuple[int, int]]]:
-    """The shard items a build still has to write (ids already in the table drop out) and every
-    shard's ``(first id, rows)``; sets ``progress.total_docs`` and marks the table partial."""
+               progress: BuildProgress) -> tuple[list[dict], list[Shard]]:
+    """The shard items a build still has to write (ids already in the table drop out) and all
+    the dataset's shards; sets ``progress.total_docs`` and marks the table partial."""
     shards = prepare(spec, ray_address)
     items = resume_plan(shards, GradientTable.open(run_path, table).iter_ids() if table_exists(run_path, table) else ())
     progress.total_docs = sum(s["num_rows"] - len(s["done_ids"]) for s in items)
     Completion.clear(run_path, table)
-    return items, [(s.first_id, s.num_rows) for s in shards]
+    return items, shards
 
 
-def finish_build(run_path: str, table: str, progress: BuildProgress, ranges: list[tuple[int, int]]) -> None:
+def finish_build(run_path: str, table: str, progress: BuildProgress, shards: list[Shard]) -> None:
     """Repair rows committed twice (retried blocks, leftover workers), compact the table, and
     record it complete. Skipped documents are re-read by every resume, so this run saw them all."""
     written = GradientTable.open(run_path, table)
     progress.duplicates_removed = written.deduplicate()
     written.optimize()
-    Completion.of_shards(table, ranges, progress.skipped_ids, progress.non_finite_ids).save(run_path)
+    completion(table, shards, progress).save(run_path)
+
+
+def completion(table: str, shards: list[Shard], progress: BuildProgress) -> Completion:
+    """The completion record of a pass over ``shards`` whose summaries ``progress`` counted."""
+    return Completion.of_shards(table, [(s.first_id, s.num_rows) for s in shards], progress.skipped_ids,
+                                progress.non_finite_ids)
 
 
 def drain(dataset: ray.data.Dataset, progress: BuildProgress, on_progress: Callable[[BuildProgress], None] | None) -> None:
@@ -323,7 +332,6 @@ def count_summaries(summaries: Iterable[pa.Table], progress: BuildProgress,
         skipped = ~written & ~non_finite
         progress.docs += summary.num_rows
         progress.written += int(written.sum())
-        progress.skipped += int(skipped.sum())
         progress.skipped_ids.extend(ids[skipped].tolist())
         progress.non_finite_ids.extend(ids[non_finite].tolist())
         progress.tokens += int(pc.sum(summary.column("num_tokens")).as_py() or 0)

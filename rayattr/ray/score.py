@@ -26,8 +26,8 @@ from rayattr.data import TokenizedDocs
 from rayattr.grads.engine import GradientEngine, engine_for
 from rayattr.hessian.precondition import Preconditioner
 from rayattr.ray.pipeline import (
-    TOKENIZE_CPUS, BuildProgress, WorkerResources, build, drain, ensure_ray, prepare, resume_plan, summary_rows,
-    token_stream,
+    TOKENIZE_CPUS, BuildProgress, WorkerResources, build, completion, drain, ensure_ray, prepare, resume_plan,
+    summary_rows, token_stream,
 )
 from rayattr.score import Aggregation, Preprocess, QueryPreprocess, Scorer, ScoreMode, aggregate, check_mode
 from rayattr.store import (
@@ -299,10 +299,7 @@ def score(
         repaired = GradientTable.open(run_path) if name == GRADIENTS else ScoreTable.open(run_path, name)
         progress.duplicates_removed += repaired.deduplicate()
         repaired.optimize()
-        done = (Completion.of_shards(name, [(s.first_id, s.num_rows) for s in shards], progress.skipped_ids,
-                                     progress.non_finite_ids)
-                if spec is not None else Completion(name, index.count()))
-        done.save(run_path)
+        (completion(name, shards, progress) if spec is not None else Completion(name, index.count())).save(run_path)
     top = distributed_topk(ScoreTable.open(run_path, SCORES), settings.top_k)
     write_topk(run_path, top, np.asarray(meta.query_ids), meta)
     progress.finish()

@@ -155,7 +155,7 @@ class _Job(Protocol):
 
     def start(self, spec: RunSpec, engine: GradientEngine, meta: TableMeta, mailbox: Any) -> Callable[[pa.Table], None]: ...
 
-    skipped: int  # documents of the stream left out by ``pending``
+    resumed_past: int  # documents of the stream left out by ``pending``
 
     def pending(self, batch: pa.Table) -> pa.Table: ...
 
@@ -174,13 +174,13 @@ class _SkipsCommitted:
     def _read_committed(self) -> None:
         self._committed = committed_ids(self.run_path, self.table)
 
-    skipped: int = 0  # documents of this worker's stream found committed
+    resumed_past: int = 0  # documents of this worker's stream found committed
 
     def pending(self, batch: pa.Table) -> pa.Table:
         if self._committed is None or not self._committed.size:
             return batch
         todo = ~np.isin(batch.column("id").to_numpy(), self._committed)
-        self.skipped += int((~todo).sum())
+        self.resumed_past += int((~todo).sum())
         return batch.filter(pa.array(todo))
 
 
@@ -208,7 +208,7 @@ class _AccumulateStats:
     method: str
     eigenbases: ray.ObjectRef | None
     docs_per_step: int = DOCS_PER_STEP
-    skipped: int = 0
+    resumed_past: int = 0
     _stats: StatsPass | None = None
 
     def start(self, spec: RunSpec, engine: GradientEngine, meta: TableMeta, mailbox: Any) -> Callable[[pa.Table], None]:
@@ -282,7 +282,7 @@ def _worker_loop(config: dict) -> None:
         batches = ray.train.get_dataset_shard(DOCS).iter_batches(batch_size=job.docs_per_step, batch_format="pyarrow")
         passes, idle = run_lockstep((job.pending(batch) for batch in batches), engine, consume)
         rank = ray.train.get_context().get_world_rank()
-        report = WorkerReport(rank, *partition_numel(engine.model), passes, idle, job.skipped,
+        report = WorkerReport(rank, *partition_numel(engine.model), passes, idle, job.resumed_past,
                               time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         ray.get(mailbox.finish.remote(rank, report, meta, job.result()))
 
@@ -359,11 +359,11 @@ def zero_build(
     Same table, rows and metadata as replica mode; resumes an existing table the same way.
     """
     progress = ZeroBuildProgress(total_docs=0)
-    items, ranges = plan_build(run_path, spec, ray_address, table, progress)
+    items, shards = plan_build(run_path, spec, ray_address, table, progress)
     if items:
         job = _WriteRows(run_path, table, docs_per_write)
         progress.workers = drain_group(spec, token_stream(spec, items), workers, job, progress, on_progress)
-    finish_build(run_path, table, progress, ranges)
+    finish_build(run_path, table, progress, shards)
     progress.finish()
     return progress
 
