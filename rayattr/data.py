@@ -11,6 +11,8 @@ split as ``id``, which makes writes idempotent and runs resumable.
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import re
 from collections.abc import Iterator
@@ -170,6 +172,24 @@ def _clip(shard: Shard, start: int, stop: int) -> Shard | None:
     if lo >= hi:
         return None
     return Shard(lo, hi - lo, shard.path, shard.row_group, shard.offset + lo - shard.first_id)
+
+
+def balance_shards(shards: list[Shard], parts: int, min_rows: int = 64) -> list[Shard]:
+    """Cut shards smaller when there are fewer than ``parts`` of them.
+
+    A shard is one task and one Ray Data block, which no two actors share: a
+    dataset of a few shards would keep one actor busy while the others idle,
+    and report progress once per shard. Only small datasets are cut (large
+    ones already have many shards), so re-decoding a row group's earlier rows
+    to reach a piece stays cheap.
+    """
+    if len(shards) >= parts:
+        return shards
+    rows = max(min_rows, -(-sum(s.num_rows for s in shards) // parts))
+    return [
+        dataclasses.replace(shard, first_id=shard.first_id + lo, num_rows=min(rows, shard.num_rows - lo), offset=shard.offset + lo)
+        for shard in shards for lo in range(0, shard.num_rows, rows)
+    ]
 
 
 def read_shard(spec: DataSpec, shard: Shard, batch_rows: int = SHARD_ROWS,

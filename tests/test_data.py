@@ -9,14 +9,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from rayattr.config import DataSpec, RayattrError
-from rayattr.data import SHARD_ROWS, parse_split, plan_shards, read_shard, token_budget_batches, tokenize
+from rayattr.data import (
+    SHARD_ROWS, balance_shards, parse_split, plan_shards, read_shard, token_budget_batches, tokenize,
+)
 
 TEXTS = [f"document number {i} " + "word " * (i % 7) for i in range(2500)]
 
 
-def _rows(spec: DataSpec) -> tuple[list[int], list[str]]:
+def _rows(spec: DataSpec, parts: int = 1) -> tuple[list[int], list[str]]:
     ids, texts = [], []
-    for shard in plan_shards(spec):
+    for shard in balance_shards(plan_shards(spec), parts):
         assert shard.num_rows <= SHARD_ROWS
         for table in read_shard(spec, shard, batch_rows=300):
             ids += table.column("id").to_pylist()
@@ -46,6 +48,21 @@ def test_every_source_yields_the_same_rows_with_ids(sources, kind, split, lo, hi
     ids, texts = _rows(DataSpec(sources[kind], split=split))
     assert ids == list(range(lo, hi))
     assert texts == TEXTS[lo:hi]
+
+
+@pytest.mark.parametrize("kind", ["parquet", "disk"])
+@pytest.mark.parametrize(("split", "lo", "hi"), [("train", 0, 2500), ("train[1250:2100]", 1250, 2100), ("train[:7]", 0, 7)])
+def test_balanced_shards_yield_the_same_rows(sources, kind, split, lo, hi):
+    """Shards cut for more workers (also inside a row group, at an offset) read the same rows."""
+    spec = DataSpec(sources[kind], split=split)
+    shards = balance_shards(plan_shards(spec), 24)
+    assert len(shards) >= min(24, (hi - lo) // 64) and max(s.num_rows for s in shards) <= max(64, -(-(hi - lo) // 24))
+    assert _rows(spec, parts=24) == (list(range(lo, hi)), TEXTS[lo:hi])
+
+
+def test_enough_shards_are_left_alone(sources):
+    shards = plan_shards(DataSpec(sources["parquet"]))
+    assert balance_shards(shards, len(shards)) == shards
 
 
 def test_parse_split():

@@ -159,7 +159,7 @@ def fit(out_dir: str, spec: RunSpec, method: str, *, workers: int = 1, ray_addre
 
         return zero_fit(out_dir, spec, method, workers=workers, ray_address=ray_address, normalizer_kind=normalizer_kind)
     start = time.perf_counter()
-    shards = prepare(spec, ray_address)
+    shards = prepare(spec, ray_address, workers)
     resources = WorkerResources.plan(workers)
     actors = [StatsWorker.options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, scheduling_strategy="SPREAD")
               .remote(spec, resources.threads) for _ in range(workers)]

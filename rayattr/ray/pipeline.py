@@ -22,7 +22,7 @@ import ray
 import torch
 
 from rayattr.config import DataSpec, GradSpec, RayattrError, RunSpec, check_zero_stage
-from rayattr.data import Shard, TokenizedDocs, plan_shards, read_shard, tokenize
+from rayattr.data import Shard, TokenizedDocs, balance_shards, plan_shards, read_shard, tokenize
 from rayattr.grads.collector import select_modules
 from rayattr.grads.engine import GradientEngine, engine_for
 from rayattr.model import load_config, load_tokenizer, max_positions
@@ -173,11 +173,15 @@ def check_modules(model_config, grads: GradSpec) -> None:
     select_modules(skeleton, grads.modules, grads.exclude_modules)
 
 
-def prepare(spec: RunSpec, ray_address: str | None) -> list[Shard]:
+SHARDS_PER_WORKER = 4  # enough blocks that no worker waits for another's last shard
+
+
+def prepare(spec: RunSpec, ray_address: str | None, workers: int) -> list[Shard]:
     """Driver-side checks that need no worker (model exists, modules match, data
-    readable and non-empty), then Ray; returns the dataset's shards."""
+    readable and non-empty), then Ray; returns the dataset's shards, at least a
+    few per worker."""
     check_modules(load_config(spec.model), spec.grads)
-    shards = plan_shards(spec.data)
+    shards = balance_shards(plan_shards(spec.data), SHARDS_PER_WORKER * workers)
     ensure_ray(ray_address)
     return shards
 
@@ -274,7 +278,7 @@ def build(
         return zero_build(run_path, spec, workers=workers, ray_address=ray_address, on_progress=on_progress,
                           docs_per_write=docs_per_write, table=table)
     progress = BuildProgress(total_docs=0)
-    items, shards = plan_build(run_path, spec, ray_address, table, progress)
+    items, shards = plan_build(run_path, spec, ray_address, table, progress, workers)
     resources = WorkerResources.plan(workers)
     if items:
         dataset = token_stream(spec, items).map_batches(
@@ -291,10 +295,10 @@ def build(
 
 
 def plan_build(run_path: str, spec: RunSpec, ray_address: str | None, table: str,
-               progress: BuildProgress) -> tuple[list[dict], list[Shard]]:
+               progress: BuildProgress, workers: int) -> tuple[list[dict], list[Shard]]:
     """The shard items a build still has to write (ids already in the table drop out) and all
     the dataset's shards; sets ``progress.total_docs`` and marks the table partial."""
-    shards = prepare(spec, ray_address)
+    shards = prepare(spec, ray_address, workers)
     items = resume_plan(shards, GradientTable.open(run_path, table).iter_ids() if table_exists(run_path, table) else ())
     progress.total_docs = sum(s["num_rows"] - len(s["done_ids"]) for s in items)
     Completion.clear(run_path, table)
