@@ -14,6 +14,7 @@ from rayattr.data import TokenizedDocs
 from rayattr.fixtures import TRAINED_DIRNAME, make_fixture, train_fixture_model
 from rayattr.grads.engine import GradientEngine
 from rayattr.grads.normalizer import ADAM_EPS, ADAFACTOR_EPS, Normalizer, from_optimizer_state
+from rayattr.grads.projection import module_projection
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +47,9 @@ def _assert_rows_match(engine: GradientEngine, rows: torch.Tensor, explicit: dic
     """Each module's rows equal its explicit normalized gradient, projected like the engine does."""
     for layout in engine.layouts:
         expected = explicit[layout.name]
-        if layout.name in engine.collector.projections:
-            left, right = engine.collector.projections[layout.name]
+        if engine.spec.projection_dim:  # the seeded factors (the engine's own have the normalizer folded in)
+            left, right = module_projection(layout.name, layout.out_features, layout.in_features,
+                                            (layout.p_out, layout.p_in), engine.spec.projection_type, engine.spec.seed)
             expected = left.double() @ expected @ right.double().T
         got = rows[:, layout.offset : layout.offset + layout.width].double()
         assert _rel(got, expected.flatten(1)) <= 1e-5, layout.name

@@ -160,7 +160,14 @@ class GradientCollector:
                     layout.name, layout.out_features, layout.in_features, (layout.p_out, layout.p_in),
                     spec.projection_type, spec.seed, spec.row_orthonormal,
                 )
-                self.projections[layout.name] = KroneckerProjection(proj.left.to(device), proj.right.to(device))
+                left, right = proj.left.to(device), proj.right.to(device)
+                scale = self.scales.get(layout.name)
+                if isinstance(scale, tuple):
+                    # Adafactor scales rows of g and columns of a: L diag(s) g = (L diag(s)) g, so
+                    # folding them into the factors saves two full-width multiplies per module.
+                    left, right = left * scale[0], right * scale[1]
+                    del self.scales[layout.name]
+                self.projections[layout.name] = KroneckerProjection(left, right)
         model.requires_grad_(False)
         modules = dict(model.named_modules())
         self._handles = [
@@ -269,12 +276,11 @@ class GradientCollector:
     def _on_backward(self, layout: ModuleLayout, grad: torch.Tensor) -> None:
         acts = self._acts.pop(layout.name)
         grad = grad.float()
-        grad = grad.reshape(1, -1, grad.shape[-1]) if self._summed else grad.masked_fill(~self._valid, 0.0)
         scale = self.scales.get(layout.name)
         projection = self.projections.get(layout.name)
         target = self._out[:, layout.offset : layout.offset + layout.width]
         if isinstance(scale, torch.Tensor):  # Adam: form G, normalize it, then project
-            full = self._outer(grad, acts) * scale
+            full = self._outer(self._mask(grad), acts) * scale
             if projection is not None:
                 full = projection.left @ full @ projection.right.T
             target.add_(full.flatten(1))
@@ -283,11 +289,16 @@ class GradientCollector:
             grad = grad * scale[0]
         if projection is not None:
             grad = grad @ projection.left.T
+        grad = self._mask(grad)  # after projecting: p columns to mask instead of O
         if self.tap is not None:
             valid = self._valid.squeeze(-1)
             self.tap(layout.name, acts[valid], grad[valid])
         if target.shape[1]:
             target.add_(self._outer(grad, acts).flatten(1))
+
+    def _mask(self, grad: torch.Tensor) -> torch.Tensor:
+        """Zero the padding positions' output gradients (summed mode: flatten to one sequence)."""
+        return grad.reshape(1, -1, grad.shape[-1]) if self._summed else grad.masked_fill(~self._valid, 0.0)
 
     def _outer(self, grad: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
         """Per-row ``sum_t g_t a_t^T``: ``[B, O, I]`` per document, ``[tokens, O, I]`` per token."""
