@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rayattr-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install clean
 
 install: $(STAMP)
 
@@ -23,6 +23,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Every benchmark at its small size (~15 min on 2 cores), then the README's results section.
+BENCH := PYTHONPATH=benchmarks:. $(PY)
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(BENCH) benchmarks/throughput.py --size small
+	$(BENCH) benchmarks/memory.py --size small
+	$(BENCH) benchmarks/fact_tracing.py --size small
+	$(BENCH) benchmarks/query.py --size small
+	$(BENCH) benchmarks/scaling.py --size small
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,9 +1,22 @@
-"""Pieces the benchmark scripts share: the fixture corpus as tokens, and the reference passes."""
+"""Pieces the benchmark scripts share: the fixture corpus as tokens, the reference passes,
+the bench model, and where results go."""
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pyarrow.parquet as pq
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
 from rayattr.data import TokenizedDocs
 from rayattr.grads.collector import per_example_loss
@@ -11,6 +24,7 @@ from rayattr.grads.engine import collate
 from rayattr.model import load_tokenizer
 
 TOKEN_BATCH_SIZE = 2048
+RESULTS = Path(__file__).parent / "results"
 
 
 def tokenized_corpus(fixture, docs: int | None = None) -> TokenizedDocs:
@@ -26,9 +40,10 @@ def forward_backward(model, docs: TokenizedDocs, batches, pad_id: int, weights: 
     model.requires_grad_(weights)
     embed = model.get_input_embeddings()
     hook = None if weights else embed.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    device = next(model.parameters()).device
     try:
         for index in batches:
-            batch = collate(docs, index, pad_id)
+            batch = collate(docs, index, pad_id).to(device)
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(),
                            position_ids=batch.position_ids, use_cache=False).logits
             per_example_loss(logits, batch.input_ids, batch.label_mask).sum().backward()
@@ -36,3 +51,60 @@ def forward_backward(model, docs: TokenizedDocs, batches, pad_id: int, weights: 
     finally:
         if hook:
             hook.remove()
+
+
+def bench_model(fixture, out: Path, max_positions: int, seed: int = 0) -> Path:
+    """A ~21M-parameter GPT-NeoX (512 wide, 6 layers) with the fixture tokenizer, saved once.
+
+    Random init from a fixed seed: throughput does not depend on what the
+    model has learned, and nothing has to be downloaded.
+    """
+    if (out / "config.json").exists():
+        return out
+    tokenizer = load_tokenizer(str(fixture.neox))
+    eos = tokenizer.eos_token_id
+    config = GPTNeoXConfig(
+        vocab_size=len(tokenizer), hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
+        intermediate_size=2048, max_position_embeddings=max_positions, rotary_pct=0.25,
+        tie_word_embeddings=False, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+    )
+    torch.manual_seed(seed)
+    staging = out.with_name(out.name + f".tmp{os.getpid()}")
+    AutoModelForCausalLM.from_config(config).save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return out
+
+
+def machine() -> str:
+    """The machine in a few words, for table titles and JSON."""
+    return (f"{os.cpu_count()}-core {platform.machine()}, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}")
+
+
+def markdown(table: Table) -> str:
+    """A printed rich table as a markdown table (title as a bold line), for the README."""
+    lines = [f"**{table.title}**", ""] if table.title else []
+    lines.append("| " + " | ".join(str(column.header) for column in table.columns) + " |")
+    lines.append("|" + "---|" * len(table.columns))
+    for row in zip(*(column.cells for column in table.columns)):
+        lines.append("| " + " | ".join(str(cell) for cell in row) + " |")
+    return "\n".join(lines)
+
+
+def write_results(name: str, size: str, payload: dict[str, Any], tables: list[Table]) -> Path:
+    """Print ``tables`` and write ``results/NAME.json`` (default size) or ``results/NAME_SIZE.json``.
+
+    The JSON keeps the tables as markdown too, so ``report.py`` can refresh the
+    README from whatever ``make bench`` last measured.
+    """
+    console = Console()
+    for table in tables:
+        console.print(table)
+    out = RESULTS / (f"{name}.json" if size == "small" else f"{name}_{size}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"size": size, "machine": machine(), "date": time.strftime("%Y-%m-%d")} | payload
+    out.write_text(json.dumps(record | {"markdown": [markdown(t) for t in tables]}, indent=1))
+    console.print(f"wrote {out}")
+    return out

@@ -1,0 +1,196 @@
+"""Gradient collection and scoring throughput against the physical limit.
+
+The bench model is a ~21M-parameter GPT-NeoX built from a config (fixed seed,
+the fixture tokenizer) and the corpus is the fixture's training text packed
+into 256-token documents. In one process, on the same token-budget batches,
+interleaved over rounds after a warm-up:
+
+  (a) the physical limit: forward + backward to activations only (frozen
+      parameters, the embeddings' output requires grad),
+  (a') forward + backward with weight gradients (what a training step costs),
+  (b) the in-process gradient engine at projection 16 and 0 (full gradients).
+
+Then through Ray, end to end and in steady state (between the first and the
+last committed write, so actor start-up and model loading drop out):
+
+  (c) ``build`` with 1 and 2 workers,
+  (d) on-the-fly ``score`` (cosine, 16 queries) with 2 workers.
+
+Every rate is divided by (a). Worker threads: 1 worker uses all cores, 2 use
+half each, so each Ray row competes for the same cores as (a).
+
+    PYTHONPATH=benchmarks:. python benchmarks/throughput.py [--size small|full] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from rich.table import Table
+
+from common import TOKEN_BATCH_SIZE, bench_model, forward_backward, machine, write_results
+from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
+from rayattr.data import TokenizedDocs, token_budget_batches, tokenize
+from rayattr.fixtures import default_cache_dir, make_fixture
+from rayattr.grads.engine import GradientEngine
+from rayattr.model import load_model, load_tokenizer
+from rayattr.ray.pipeline import BuildProgress, build, ensure_ray
+from rayattr.ray.score import ScoreSettings, reduce, score
+
+SEQ_LEN = 256
+QUERIES = 16
+DOCS_PER_WRITE = 16  # 4,096 tokens: a write every two token batches, so both workers get work early
+SIZES = {  # in-process documents, rounds; documents through Ray
+    "small": {"docs": 32, "rounds": 1, "ray_docs": 96},
+    "full": {"docs": 96, "rounds": 3, "ray_docs": 384},
+}
+
+
+def packed_corpus(fixture, out: Path, docs: int, tokenizer) -> Path:
+    """The fixture's training texts joined into ``docs`` documents of at least ``SEQ_LEN`` tokens.
+
+    Documents are cut to ``SEQ_LEN`` by ``--truncation``, so every batch is full
+    width and no padding dilutes the comparison.
+    """
+    texts = pq.read_table(fixture.train, columns=["text"]).column("text").to_pylist()
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    packed, current, width, cursor = [], [], 0, 0
+    while len(packed) < docs:
+        current.append(texts[cursor % len(texts)])
+        width += lengths[cursor % len(texts)]
+        cursor += 1
+        if width >= SEQ_LEN:
+            packed.append(" ".join(current))
+            current, width = [], 0
+    pq.write_table(pa.table({"text": packed}), out)
+    return out
+
+
+@dataclass
+class Steady:
+    """Tokens/s between the first and the last progress report (start-up excluded)."""
+
+    marks: list[tuple[float, int]]
+
+    def __call__(self, progress: BuildProgress) -> None:
+        self.marks.append((time.perf_counter(), progress.tokens))
+
+    @property
+    def rate(self) -> float:
+        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else float("nan")
+
+
+def in_process(model: torch.nn.Module, docs: TokenizedDocs, pad_id: int, rounds: int) -> dict[str, float]:
+    """Medians over interleaved rounds of the reference passes and the engine, in tokens/s."""
+    tokens = sum(len(t) for t in docs.tokens)
+    batches = token_budget_batches(np.array([len(t) for t in docs.tokens]), TOKEN_BATCH_SIZE)
+
+    def engine(p: int) -> Callable[[], None]:
+        def run() -> None:
+            """Construction (projection matrices, hooks) is counted: a worker does it once per run."""
+            collector = GradientEngine(model, GradSpec(projection_dim=p, token_batch_size=TOKEN_BATCH_SIZE), pad_id)
+            try:
+                collector.rows(docs)
+            finally:
+                collector.close()
+        return run
+
+    cases = {
+        "(a) forward + backward to activations (limit)": lambda: forward_backward(model, docs, batches, pad_id, weights=False),
+        "(a') forward + backward with weight gradients": lambda: forward_backward(model, docs, batches, pad_id, weights=True),
+        "(b) engine, projection 16": engine(16),
+        "(b) engine, projection 0 (full gradients)": engine(0),
+    }
+    for run in cases.values():
+        run()  # warm-up
+    seconds: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, run in cases.items():
+            start = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: tokens / statistics.median(values) for name, values in seconds.items()}
+
+
+def through_ray(root: Path, spec: RunSpec) -> dict[str, dict[str, float]]:
+    """End-to-end and steady-state rates of ``build`` (1 and 2 workers) and on-the-fly ``score``."""
+    rows = {}
+    for workers in (1, 2):
+        steady = Steady([])
+        progress = build(str(root / f"build-{workers}"), spec, workers=workers, docs_per_write=DOCS_PER_WRITE,
+                         on_progress=steady)
+        rows[f"(c) Ray build, {workers} worker(s)"] = _ray_row(progress, steady)
+    queries = RunSpec(spec.model, DataSpec(spec.data.dataset, split=f"train[:{QUERIES}]", max_length=SEQ_LEN,
+                                           truncation=True), spec.grads)
+    reduce(str(root / "queries"), queries, aggregation="none", workers=2)
+    steady = Steady([])
+    result = score(str(root / "scores"), str(root / "queries"), ScoreSettings(unit_normalize=True, top_k=10),
+                   spec=spec, workers=2, docs_per_write=DOCS_PER_WRITE, on_progress=steady)
+    rows["(d) Ray on-the-fly score, 2 workers"] = _ray_row(result.progress, steady)
+    return rows
+
+
+def _ray_row(progress: BuildProgress, steady: Steady) -> dict[str, float]:
+    return {"end_to_end": progress.tokens_per_second, "steady": steady.rate, "wall_s": progress.seconds,
+            "first_row_s": progress.first_row_seconds, "tokens": progress.tokens}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = parser.parse_args()
+    size = SIZES[args.size]
+
+    fixture = make_fixture(default_cache_dir())
+    model_dir = bench_model(fixture, default_cache_dir() / "bench-neox-21m", max_positions=SEQ_LEN)
+    tokenizer = load_tokenizer(str(model_dir))
+    root = Path(tempfile.mkdtemp(prefix="throughput-"))
+    corpus = packed_corpus(fixture, root / "packed.parquet", size["ray_docs"], tokenizer)
+    model_spec = ModelSpec(str(model_dir), device=args.device)
+    data = DataSpec(str(corpus), max_length=SEQ_LEN, truncation=True)
+
+    model = load_model(model_spec).eval()
+    head = pq.read_table(corpus).slice(0, size["docs"])
+    docs = TokenizedDocs.from_arrow(tokenize(head.append_column("id", pa.array(np.arange(head.num_rows))), data,
+                                             tokenizer, SEQ_LEN))
+    rates = in_process(model, docs, tokenizer.pad_token_id, size["rounds"])
+    del model
+
+    ensure_ray()
+    ray_rows = through_ray(root, RunSpec(model_spec, data, GradSpec(projection_dim=16, token_batch_size=TOKEN_BATCH_SIZE)))
+
+    limit = rates["(a) forward + backward to activations (limit)"]
+    params = sum(p.numel() for p in load_model(model_spec).parameters())
+    table = Table("measurement", "tokens/s", "ratio to (a)", "steady tokens/s", "steady ratio", title=(
+        f"{params / 1e6:.1f}M GPT-NeoX, seq {SEQ_LEN}, token batch {TOKEN_BATCH_SIZE}, {machine()}"))
+    for name, rate in rates.items():
+        table.add_row(name, f"{rate:,.0f}", f"{rate / limit:.2f}", "", "")
+    for name, row in ray_rows.items():
+        table.add_row(name, f"{row['end_to_end']:,.0f}", f"{row['end_to_end'] / limit:.2f}",
+                      f"{row['steady']:,.0f}", f"{row['steady'] / limit:.2f}")
+    notes = Table("pass", "tokens", "wall s", "first row s", title="through Ray, end to end")
+    for name, row in ray_rows.items():
+        notes.add_row(name, f"{row['tokens']:,}", f"{row['wall_s']:.1f}", f"{row['first_row_s']:.1f}")
+    write_results("throughput", args.size, {
+        "model_parameters": params, "seq_len": SEQ_LEN, "token_batch_size": TOKEN_BATCH_SIZE, "docs": len(docs),
+        "rounds": size["rounds"], "device": args.device, "in_process_tokens_per_s": rates,
+        "ratio_to_limit": {name: rate / limit for name, rate in rates.items()}
+        | {name: {"end_to_end": row["end_to_end"] / limit, "steady": row["steady"] / limit} for name, row in ray_rows.items()},
+        "ray": ray_rows,
+    }, [table, notes])
+
+
+if __name__ == "__main__":
+    main()
