@@ -1,9 +1,12 @@
-"""Pieces the benchmark scripts share: the fixture corpus as tokens, and the reference passes."""
+"""Pieces the benchmark scripts share: the fixture corpus as tokens, the reference passes, plotting."""
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import numpy as np
 import pyarrow.parquet as pq
+from rich.console import Console
 
 from rayattr.data import TokenizedDocs
 from rayattr.grads.collector import per_example_loss
@@ -36,3 +39,17 @@ def forward_backward(model, docs: TokenizedDocs, batches, pad_id: int, weights: 
     finally:
         if hook:
             hook.remove()
+
+
+def pyplot(console: Console) -> ModuleType | None:
+    """matplotlib's pyplot on the Agg backend, or None with a note: tables and JSON never need it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        console.print("matplotlib is not installed: PNG skipped (pip install 'rayattr[bench]', or pip install matplotlib)",
+                      markup=False)
+        return None
+    return plt
