@@ -1,5 +1,5 @@
 """Pieces the benchmark scripts share: the fixture corpus as tokens, the reference passes,
-the bench model, and where results go."""
+the bench model, plotting, and where results go."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import platform
 import shutil
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -108,3 +109,17 @@ def write_results(name: str, size: str, payload: dict[str, Any], tables: list[Ta
     out.write_text(json.dumps(record | {"markdown": [markdown(t) for t in tables]}, indent=1))
     console.print(f"wrote {out}")
     return out
+
+
+def pyplot(console: Console) -> ModuleType | None:
+    """matplotlib's pyplot on the Agg backend, or None with a note: tables and JSON never need it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        console.print("matplotlib is not installed: PNG skipped (pip install 'rayattr[bench]', or pip install matplotlib)",
+                      markup=False)
+        return None
+    return plt

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM
 
-from common import tokenized_corpus
+from common import pyplot, tokenized_corpus
 from rayattr.config import GradSpec, RayattrError
 from rayattr.data import TokenizedDocs
 from rayattr.fixtures import default_cache_dir, make_fixture, train_fixture_model
@@ -180,13 +180,8 @@ def print_tables(console: Console, label: str, model: dict, dims: list[int]) -> 
 
 
 def plot(report: dict, path: Path, console: Console) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        console.print("matplotlib is not installed: no PNG (pip install matplotlib to get one)")
+    plt = pyplot(console)
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len(report["models"]), figsize=(6 * len(report["models"]), 4), sharey=True)
     for ax, (label, model) in zip(np.atleast_1d(axes), report["models"].items()):

@@ -31,9 +31,9 @@ def section() -> str:
              "measured are in `benchmarks/README.md`)."]
     for stem, heading in SECTIONS.items():
         path = RESULTS / f"{stem}.json"
-        if not path.exists():
+        record = json.loads(path.read_text()) if path.exists() else {}
+        if "markdown" not in record:  # not run yet, or written before the scripts kept markdown
             continue
-        record = json.loads(path.read_text())
         parts.append(f"### {heading}\n\n{record.get('date', '')}, {record['machine']}.\n\n" + "\n\n".join(record["markdown"]))
     return "\n\n".join(parts)
 

@@ -62,8 +62,8 @@ def main() -> None:
         console.print(table)
     quality = fact_tracing_quality(fixture, query_ids, np.stack([ranked[q] for q in query_ids]))
     console.print(
-        f"fact tracing over {quality['queries']} queries: recall@10 = {quality['recall_at_k']:.3f} "
-        f"(random ranking: {quality['random_recall']:.4f}), MRR = {quality['mrr']:.3f}"
+        f"fact tracing over {quality['queries']} queries: recall@10 = {quality['recall@10']:.3f} "
+        f"(random ranking: {quality['random_recall@10']:.4f}), MRR = {quality['mrr']:.3f}"
     )
 
 

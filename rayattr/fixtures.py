@@ -18,12 +18,13 @@ Variants:
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -711,23 +712,42 @@ def train_fixture_model(fixture: Fixture, *, steps: int = TRAIN_STEPS, seed: int
     return final
 
 
-def fact_tracing_quality(fixture: Fixture, query_ids: np.ndarray, ranked: np.ndarray, k: int = 10) -> dict[str, float]:
-    """Recall@k and MRR of the ground-truth supporting documents in a ranking.
+def fact_tracing_quality(
+    fixture: Fixture, query_ids: np.ndarray, ranked: np.ndarray, ks: Sequence[int] = (1, 10)
+) -> dict[str, float]:
+    """Recall@k (each k in ``ks``) and MRR of the ground-truth supporting documents in a ranking.
 
     ``query_ids`` are row ids of the fixture's query table and ``ranked[q]``
-    the training ids ranked for query ``q``, best first. Recall@k is the
-    fraction of a query's supporting documents in its top ``k``; MRR uses the
-    first supporting document's rank (0 when none is ranked). Both are means
-    over queries; ``random_recall`` is what a random ranking would get.
+    the training ids ranked for query ``q``, best first. ``recall@k`` is the
+    fraction of a query's supporting documents in its top ``k``; ``mrr`` uses
+    the first supporting document's rank (0 when none is ranked). Both are
+    means over queries. ``random_recall@k`` and ``random_mrr`` are their exact
+    expectations under a uniformly random ranking cut at the same depth, so a
+    caller can compare against chance without sampling permutations.
     """
     truth = json.loads(fixture.ground_truth.read_text())
     names = pq.read_table(fixture.queries, columns=["query_id"]).column("query_id").to_pylist()
     num_docs = pq.read_metadata(fixture.train).num_rows
-    recalls, reciprocal = [], []
-    for qid, row in zip(query_ids, ranked):
-        support = set(truth[names[int(qid)]])
-        recalls.append(len(support.intersection(row[:k].tolist())) / len(support))
-        hits = [rank for rank, doc in enumerate(row.tolist(), start=1) if doc in support]
-        reciprocal.append(1.0 / hits[0] if hits else 0.0)
-    return {"recall_at_k": float(np.mean(recalls)), "mrr": float(np.mean(reciprocal)), "k": k,
-            "queries": len(recalls), "random_recall": k / num_docs}
+    supports = [set(truth[names[int(qid)]]) for qid in query_ids]
+    quality: dict[str, float] = {"queries": len(supports)}
+    for k in ks:
+        quality[f"recall@{k}"] = float(np.mean([len(s.intersection(row[:k].tolist())) / len(s)
+                                                for s, row in zip(supports, ranked)]))
+        quality[f"random_recall@{k}"] = min(k, ranked.shape[1]) / num_docs
+    reciprocal = [next((1.0 / rank for rank, doc in enumerate(row.tolist(), start=1) if doc in s), 0.0)
+                  for s, row in zip(supports, ranked)]
+    quality["mrr"] = float(np.mean(reciprocal))
+    expected = {size: _random_reciprocal_rank(num_docs, size, ranked.shape[1]) for size in {len(s) for s in supports}}
+    quality["random_mrr"] = float(np.mean([expected[len(s)] for s in supports]))
+    return quality
+
+
+def _random_reciprocal_rank(num_docs: int, support: int, depth: int) -> float:
+    """``E[1 / first supporting rank]`` for ``support`` relevant documents placed uniformly at random
+    among ``num_docs``, counting 0 when the first one falls past ``depth``.
+
+    ``P(first rank > r) = C(num_docs - r, support) / C(num_docs, support)``.
+    """
+    survival = np.array([math.comb(num_docs - r, support) for r in range(depth + 1)], np.float64)
+    first = -np.diff(survival / math.comb(num_docs, support))
+    return float((first / np.arange(1, depth + 1)).sum())

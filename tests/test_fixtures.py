@@ -8,6 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -302,3 +303,25 @@ def test_train_fixture_model(fixture_copy: F.Fixture, tmp_path: Path) -> None:
                            ignore=shutil.ignore_patterns(F.TRAINED_DIRNAME))
     twin_out = F.train_fixture_model(F.make_fixture(twin.parent, seed=0, variant="easy"), steps=40, seed=0)
     assert _tree_hashes(twin_out)["model.safetensors"] == _tree_hashes(out)["model.safetensors"]
+
+
+# ----------------------------------------------------------------------- quality
+
+
+def test_fact_tracing_quality_of_perfect_and_random_rankings(easy: F.Fixture) -> None:
+    supports = list(json.loads(easy.ground_truth.read_text()).values())
+    num_docs = pq.read_metadata(easy.train).num_rows
+    query_ids = np.arange(len(supports))
+    perfect = np.stack([np.r_[s, np.setdiff1d(np.arange(num_docs), s)] for s in supports])
+    best = F.fact_tracing_quality(easy, query_ids, perfect, ks=(1, 10))
+    assert best["mrr"] == 1.0 and best["queries"] == len(supports)
+    assert best["recall@1"] == pytest.approx(np.mean([1 / len(s) for s in supports]))
+    assert best["recall@10"] == pytest.approx(np.mean([min(1, 10 / len(s)) for s in supports]))
+
+    rng = np.random.default_rng(0)
+    shuffled = [F.fact_tracing_quality(easy, query_ids, np.stack([rng.permutation(num_docs) for _ in supports]))
+                for _ in range(50)]
+    assert np.mean([q["mrr"] for q in shuffled]) == pytest.approx(best["random_mrr"], rel=0.25)
+    assert np.mean([q["recall@10"] for q in shuffled]) == pytest.approx(best["random_recall@10"], rel=0.25)
+    cut = F.fact_tracing_quality(easy, query_ids, perfect[:, :5], ks=(10,))
+    assert cut["random_recall@10"] == 5 / num_docs and cut["random_mrr"] < best["random_mrr"]
