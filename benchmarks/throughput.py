@@ -166,13 +166,13 @@ def main() -> None:
     docs = TokenizedDocs.from_arrow(tokenize(head.append_column("id", pa.array(np.arange(head.num_rows))), data,
                                              tokenizer, SEQ_LEN))
     rates = in_process(model, docs, tokenizer.pad_token_id, size["rounds"])
+    params = sum(p.numel() for p in model.parameters())
     del model
 
     ensure_ray()
     ray_rows = through_ray(root, RunSpec(model_spec, data, GradSpec(projection_dim=16, token_batch_size=TOKEN_BATCH_SIZE)))
 
     limit = rates["(a) forward + backward to activations (limit)"]
-    params = sum(p.numel() for p in load_model(model_spec).parameters())
     table = Table("measurement", "tokens/s", "ratio to (a)", "steady tokens/s", "steady ratio", title=(
         f"{params / 1e6:.1f}M GPT-NeoX, seq {SEQ_LEN}, token batch {TOKEN_BATCH_SIZE}, {machine()}"))
     for name, rate in rates.items():
