@@ -242,7 +242,14 @@ class RowTable:
         return removed
 
     def optimize(self) -> None:
-        """Compact the fragments that many small appends leave behind."""
+        """Compact the fragments that many small appends leave behind, then let LanceDB tidy
+        indices and old versions (it finds nothing left to compact).
+
+        Compaction copies the pages as written where the files allow: LanceDB's own decodes and
+        re-encodes them, which took driver memory growing with the table (benchmarks/memory.py).
+        """
+        self.table.to_lance().optimize.compact_files(compaction_mode="try_binary_copy")
+        self.table.checkout_latest()
         self.table.optimize()
 
 

@@ -10,10 +10,12 @@ import textwrap
 import time
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from rayattr.api import build_index, collect_in_process, open_index
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
+from rayattr.ray.pipeline import _count_peaks
 from rayattr.store import GradientTable
 
 
@@ -53,11 +55,19 @@ def test_ray_build_equals_in_process(ray_session, tmp_path, full_spec, full_refe
     progress = build_index(run, full_spec, workers=workers, docs_per_write=128)
     assert progress.written == len(full_reference[0]) == progress.docs - progress.skipped
     assert progress.first_row_seconds is not None and 0 < progress.first_row_seconds <= progress.seconds
+    assert 1 <= len(progress.worker_peak_rss_mb) <= workers and min(progress.worker_peak_rss_mb.values()) > 0
     _assert_same_rows(run, full_reference)
     # A second run on the same table finds nothing to do and adds no row.
     again = build_index(run, full_spec, workers=workers)
     assert again.docs == 0
     assert open_index(run).count() == len(full_reference[0])
+
+
+def test_worker_peaks_keep_each_workers_highest_report():
+    peaks: dict[str, float] = {}
+    _count_peaks(pa.table({"worker_id": ["a", "b", "a"], "peak_rss_mb": [1.0, 5.0, 3.0]}), peaks)
+    _count_peaks(pa.table({"worker_id": ["a"], "peak_rss_mb": [2.0]}), peaks)
+    assert peaks == {"a": 3.0, "b": 5.0}
 
 
 def test_resume_from_partial_table_writes_each_id_once(ray_session, tmp_path, full_spec, full_reference):

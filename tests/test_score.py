@@ -189,6 +189,8 @@ def test_on_the_fly_equals_from_index_for_any_worker_count(fixture_run):
         "fly-1": score(str(root / "s-fly-1"), str(root / "query"), settings, spec=index, workers=1),
         "fly-2": score(str(root / "s-fly-2"), str(root / "query"), settings, spec=index, workers=2),
     }
+    fly = results["fly-2"].progress  # clocked from the call, as a build is; every actor reports its peak RSS
+    assert 0 < fly.first_row_seconds <= fly.seconds and 1 <= len(fly.worker_peak_rss_mb) <= 2
     ids, reference = read_scores(str(root / "s-index"))
     for name in results:
         got_ids, got = read_scores(str(root / f"s-{name}"))

@@ -288,3 +288,19 @@ def test_deduplicate_keeps_exactly_one_copy(tmp_path, per_token):
     for got, want in zip(table.read_matrix(), clean):
         np.testing.assert_array_equal(got, want)
     assert table.deduplicate() == 0
+    table.optimize()  # fragments with deleted rows: compaction re-encodes them
+    for got, want in zip(table.read_matrix(), clean):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_optimize_compacts_appends_to_one_fragment_with_the_same_rows(tmp_path, dtype):
+    meta = make_meta(dtype=dtype)
+    table = GradientTable.create(str(tmp_path / "run"), meta)
+    for start in range(0, 40, 8):
+        table.append(make_rows(np.arange(start, start + 8), meta.dim, seed=start).to_arrow())
+    written = table.read_matrix()
+    table.optimize()
+    assert len(table.table.to_lance().get_fragments()) == 1
+    for got, want in zip(GradientTable.open(str(tmp_path / "run")).read_matrix(), written):
+        np.testing.assert_array_equal(got, want)

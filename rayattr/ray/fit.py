@@ -8,7 +8,6 @@ broadcast through the object store.
 
 from __future__ import annotations
 
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -23,7 +22,7 @@ from rayattr.grads.normalizer import Normalizer, NormalizerKind
 from rayattr.hessian.factors import save_stats
 from rayattr.hessian.stats import METHODS, RowAccumulator, Sums, TokenAccumulator
 from rayattr.ray.checkpoint import PartialWriter, load_partials, pass_directory, remove_partials
-from rayattr.ray.pipeline import WorkerResources, prepare, resume_plan, token_stream
+from rayattr.ray.pipeline import WorkerResources, peak_rss_mb, prepare, resume_plan, token_stream
 from rayattr.ray.reduce import eigh_all, tree_reduce
 from rayattr.store import TableMeta
 
@@ -85,7 +84,7 @@ class StatsWorker:
 
     def report(self) -> tuple[float, float]:
         """``(seconds spent computing, peak RSS in MB)`` of this actor, for the fit summary."""
-        return self.busy_seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return self.busy_seconds, peak_rss_mb()
 
 
 @dataclass

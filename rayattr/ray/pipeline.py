@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -141,17 +142,25 @@ class GradientWorker:
                             np.isin(docs.ids, rows.non_finite))
 
 
+def peak_rss_mb() -> float:
+    """This process's resident-set high-water mark (Linux reports ``ru_maxrss`` in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def summary_rows(ids: np.ndarray, num_tokens: pa.Array, written: np.ndarray,
                  non_finite: np.ndarray | None = None) -> pa.Table:
     """What a worker tells the driver about a batch: which ids it wrote (the others had no
-    loss token, or a non-finite loss or gradient), when, and on which node."""
+    loss token, or a non-finite loss or gradient), when, on which node, and its peak RSS so far."""
+    context = ray.get_runtime_context()
     return pa.table({
         "id": pa.array(ids, pa.int64()),
         "num_tokens": num_tokens,
         "written": pa.array(written),
         "non_finite": pa.array(np.zeros(len(ids), bool) if non_finite is None else non_finite),
         "written_at": pa.array(np.full(len(ids), time.time())),
-        "node_id": pa.array([ray.get_runtime_context().get_node_id()] * len(ids), pa.string()),
+        "node_id": pa.array([context.get_node_id()] * len(ids), pa.string()),
+        "worker_id": pa.array([context.get_worker_id()] * len(ids), pa.string()),
+        "peak_rss_mb": pa.array(np.full(len(ids), peak_rss_mb())),
     })
 
 
@@ -217,6 +226,7 @@ class BuildProgress:
     first_row_seconds: float | None = None
     duplicates_removed: int = 0
     nodes: set[str] = field(default_factory=set)  # Ray node ids of the workers that wrote rows
+    worker_peak_rss_mb: dict[str, float] = field(default_factory=dict)  # Ray worker id -> RSS high-water mark at its last batch
     started: float = field(default_factory=time.perf_counter)
     wall_start: float = field(default_factory=time.time)
 
@@ -340,11 +350,19 @@ def count_summaries(summaries: Iterable[pa.Table], progress: BuildProgress,
         progress.non_finite_ids.extend(ids[non_finite].tolist())
         progress.tokens += int(pc.sum(summary.column("num_tokens")).as_py() or 0)
         progress.nodes.update(pc.unique(summary.column("node_id")).to_pylist())
+        _count_peaks(summary, progress.worker_peak_rss_mb)
         progress.finish()
         if progress.first_row_seconds is None and progress.written:
             progress.first_row_seconds = float(pc.min(summary.column("written_at")).as_py()) - progress.wall_start
         if on_progress:
             on_progress(progress)
+
+
+def _count_peaks(summary: pa.Table, peaks: dict[str, float]) -> None:
+    """Raise each worker's entry in ``peaks`` to the highest peak RSS its summary rows report."""
+    per_worker = summary.group_by("worker_id").aggregate([("peak_rss_mb", "max")])
+    for worker, peak in zip(per_worker.column("worker_id").to_pylist(), per_worker.column("peak_rss_mb_max").to_pylist()):
+        peaks[worker] = max(peak, peaks.get(worker, 0.0))
 
 
 @contextmanager

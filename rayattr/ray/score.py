@@ -252,6 +252,7 @@ def score(
     check_zero_stage(zero_stage)
     if zero_stage and spec is None:
         raise RayattrError("--zero-stage 3 partitions a model, and scoring a built table (--index-path) runs none; drop it")
+    progress = BuildProgress(total_docs=0)  # its clocks start with the command, as a build's do
     queries = load_queries(query_path, settings)
     if spec is not None:
         spec = dataclasses.replace(spec, grads=dataclasses.replace(spec.grads, per_token=settings.per_token))
@@ -273,7 +274,6 @@ def score(
     for name in outputs:
         Completion.clear(run_path, name)
     resources = WorkerResources.plan(workers)
-    progress = BuildProgress(total_docs=0)
     if spec is not None:
         items = resume_plan(shards, table.iter_ids())
         progress.total_docs = sum(s["num_rows"] - len(s["done_ids"]) for s in items)

@@ -16,7 +16,6 @@ of them needs, and a worker with fewer runs idle passes over an empty batch.
 
 from __future__ import annotations
 
-import resource
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -42,8 +41,8 @@ from rayattr.grads.normalizer import NormalizerKind
 from rayattr.hessian.stats import Sums
 from rayattr.ray.fit import DOCS_PER_STEP, FitSummary, StatsPass, check_method, fit_passes, same_meta
 from rayattr.ray.pipeline import (
-    DOCS_PER_WRITE, BuildProgress, GradientWorker, WorkerResources, count_summaries, finish_build, plan_build,
-    prepare, shard_items, token_stream, user_errors,
+    DOCS_PER_WRITE, BuildProgress, GradientWorker, WorkerResources, count_summaries, finish_build, peak_rss_mb,
+    plan_build, prepare, shard_items, token_stream, user_errors,
 )
 from rayattr.ray.reduce import tree_reduce
 from rayattr.store import GRADIENTS, SCORES, TableMeta, committed_ids
@@ -283,7 +282,7 @@ def _worker_loop(config: dict) -> None:
         passes, idle = run_lockstep((job.pending(batch) for batch in batches), engine, consume)
         rank = ray.train.get_context().get_world_rank()
         report = WorkerReport(rank, *partition_numel(engine.model), passes, idle, job.resumed_past,
-                              time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                              time.perf_counter() - started, peak_rss_mb())
         ray.get(mailbox.finish.remote(rank, report, meta, job.result()))
 
 
