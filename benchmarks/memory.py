@@ -16,7 +16,6 @@ queries (prompt/completion), made once in a process of their own.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import tempfile
@@ -32,9 +31,9 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-from rich.console import Console
 from rich.table import Table
 
+from common import write_results
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
 from rayattr.fixtures import default_cache_dir, make_fixture
 from rayattr.ray.pipeline import BuildProgress, build, peak_rss_mb
@@ -225,7 +224,7 @@ def other_ray_peaks(row: dict) -> dict[str, float]:
     return {name: mb for name, mb in row["ray_process_peak_rss_mb"].items() if not name.startswith("MapWorker(")}
 
 
-def print_table(rows: list[dict], title: str) -> None:
+def memory_table(rows: list[dict], title: str) -> Table:
     table = Table("case", "data", "docs", "tokens", "driver peak MB", "worker peak MB", "workers at 1x docs / half MB",
                   "largest other Ray process MB", "first row s", "wall s", "driver / 1x", "workers / 1x",
                   "workers / half-way", title=title)
@@ -238,7 +237,7 @@ def print_table(rows: list[dict], title: str) -> None:
             "-" if row["first_row_s"] is None else f"{row['first_row_s']:.1f}", f"{row['wall_s']:.1f}",
             *(f"{row[key]:.3f}" for key in ("driver_ratio", "worker_ratio", "worker_second_half_ratio")),
         )
-    Console().print(table)
+    return table
 
 
 def main() -> None:
@@ -246,7 +245,6 @@ def main() -> None:
     parser.add_argument("--size", choices=SIZES, default="small")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--out", default=None, help="default: results/memory.json (full), results/memory_small.json")
     args = parser.parse_args()
     started = time.perf_counter()
     size = SIZES[args.size]
@@ -262,13 +260,11 @@ def main() -> None:
                 rows.append({"command": command, "copies": copies} | row)
     rows = with_ratios(sorted(rows, key=lambda row: (COMMANDS.index(row["command"]), row["copies"])))
     wall = time.perf_counter() - started
-    out = Path(args.out or Path(__file__).parent / "results" / f"memory{'' if args.size == 'full' else '_small'}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"size": args.size, "base_docs": size.docs, "device": args.device, "workers": args.workers,
-                               "queries": QUERIES, "target_ratio": TARGET_RATIO, "wall_s": wall, "cases": rows}, indent=1))
-    print_table(rows, f"{args.workers} workers, {args.device}, projection 16, {QUERIES} queries; "
-                      f"target: peak within {TARGET_RATIO}x of 1x; whole run {wall:.0f} s")
-
+    title = (f"{args.workers} workers, {args.device}, projection 16, {QUERIES} queries; "
+             f"target: peak within {TARGET_RATIO}x of 1x; whole run {wall:.0f} s")
+    write_results("memory", args.size, {"base_docs": size.docs, "device": args.device, "workers": args.workers,
+                                        "queries": QUERIES, "target_ratio": TARGET_RATIO, "wall_s": wall, "cases": rows},
+                  [memory_table(rows, title)])
 
 if __name__ == "__main__":
     main()
