@@ -10,8 +10,9 @@ interleaved over rounds after a warm-up:
   (a') forward + backward with weight gradients (what a training step costs),
   (b) the in-process gradient engine at projection 16 and 0 (full gradients).
 
-Then through Ray, end to end and in steady state (between the first and the
-last committed write, so actor start-up and model loading drop out):
+Then through Ray, end to end and in steady state (from the first worker
+summary to the end of the build, so Ray, actor start-up and model loading
+drop out):
 
   (c) ``build`` with 1 and 2 workers,
   (d) on-the-fly ``score`` (cosine, 16 queries) with 2 workers.
@@ -78,17 +79,22 @@ def packed_corpus(fixture, out: Path, docs: int, tokenizer) -> Path:
 
 @dataclass
 class Steady:
-    """Tokens/s between the first and the last progress report (start-up excluded)."""
+    """Tokens/s after the first summary arrives (actor start-up and model loading excluded).
 
-    marks: list[tuple[float, int]]
+    A summary arrives when a worker's task (one shard) is done, so the first one
+    marks the end of start-up; the end of the build (de-duplication, compaction)
+    stays in the denominator.
+    """
+
+    first: tuple[float, int] | None = None
 
     def __call__(self, progress: BuildProgress) -> None:
-        self.marks.append((time.perf_counter(), progress.tokens))
+        if self.first is None:
+            self.first = (time.perf_counter() - progress.started, progress.tokens)
 
-    @property
-    def rate(self) -> float:
-        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
-        return (n1 - n0) / (t1 - t0) if t1 > t0 else float("nan")
+    def rate(self, progress: BuildProgress) -> float:
+        seconds, tokens = self.first
+        return (progress.tokens - tokens) / (progress.seconds - seconds) if progress.seconds > seconds else float("nan")
 
 
 def in_process(model: torch.nn.Module, docs: TokenizedDocs, pad_id: int, rounds: int) -> dict[str, float]:
@@ -127,14 +133,14 @@ def through_ray(root: Path, spec: RunSpec) -> dict[str, dict[str, float]]:
     """End-to-end and steady-state rates of ``build`` (1 and 2 workers) and on-the-fly ``score``."""
     rows = {}
     for workers in (1, 2):
-        steady = Steady([])
+        steady = Steady()
         progress = build(str(root / f"build-{workers}"), spec, workers=workers, docs_per_write=DOCS_PER_WRITE,
                          on_progress=steady)
         rows[f"(c) Ray build, {workers} worker(s)"] = _ray_row(progress, steady)
     queries = RunSpec(spec.model, DataSpec(spec.data.dataset, split=f"train[:{QUERIES}]", max_length=SEQ_LEN,
                                            truncation=True), spec.grads)
     reduce(str(root / "queries"), queries, aggregation="none", workers=2)
-    steady = Steady([])
+    steady = Steady()
     result = score(str(root / "scores"), str(root / "queries"), ScoreSettings(unit_normalize=True, top_k=10),
                    spec=spec, workers=2, docs_per_write=DOCS_PER_WRITE, on_progress=steady)
     rows["(d) Ray on-the-fly score, 2 workers"] = _ray_row(result.progress, steady)
@@ -142,7 +148,7 @@ def through_ray(root: Path, spec: RunSpec) -> dict[str, dict[str, float]]:
 
 
 def _ray_row(progress: BuildProgress, steady: Steady) -> dict[str, float]:
-    return {"end_to_end": progress.tokens_per_second, "steady": steady.rate, "wall_s": progress.seconds,
+    return {"end_to_end": progress.tokens_per_second, "steady": steady.rate(progress), "wall_s": progress.seconds,
             "first_row_s": progress.first_row_seconds, "tokens": progress.tokens}
 
 

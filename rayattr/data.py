@@ -174,7 +174,7 @@ def _clip(shard: Shard, start: int, stop: int) -> Shard | None:
     return Shard(lo, hi - lo, shard.path, shard.row_group, shard.offset + lo - shard.first_id)
 
 
-def balance_shards(shards: list[Shard], parts: int, min_rows: int = 64) -> list[Shard]:
+def balance_shards(shards: list[Shard], parts: int, min_rows: int = 16) -> list[Shard]:
     """Cut shards smaller when there are fewer than ``parts`` of them.
 
     A shard is one task and one Ray Data block, which no two actors share: a

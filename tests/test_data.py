@@ -56,7 +56,7 @@ def test_balanced_shards_yield_the_same_rows(sources, kind, split, lo, hi):
     """Shards cut for more workers (also inside a row group, at an offset) read the same rows."""
     spec = DataSpec(sources[kind], split=split)
     shards = balance_shards(plan_shards(spec), 24)
-    assert len(shards) >= min(24, (hi - lo) // 64) and max(s.num_rows for s in shards) <= max(64, -(-(hi - lo) // 24))
+    assert len(shards) >= min(24, (hi - lo) // 16) and max(s.num_rows for s in shards) <= max(16, -(-(hi - lo) // 24))
     assert _rows(spec, parts=24) == (list(range(lo, hi)), TEXTS[lo:hi])
 
 
