@@ -13,6 +13,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from rich.console import Console
@@ -52,6 +53,19 @@ def forward_backward(model, docs: TokenizedDocs, batches, pad_id: int, weights: 
     finally:
         if hook:
             hook.remove()
+
+
+def repeated_corpus(source: Path, out: Path, copies: int, docs: int | None = None, row_group_size: int | None = None) -> int:
+    """The first ``docs`` documents of ``source`` written ``copies`` times with distinct ``doc_id``,
+    one copy in memory at a time; returns the rows written."""
+    base = pq.read_table(source)
+    base = base.slice(0, docs) if docs else base
+    column = base.schema.get_field_index("doc_id")
+    with pq.ParquetWriter(out, base.schema) as writer:
+        for copy in range(copies):
+            shifted = base.set_column(column, "doc_id", pc.add(base.column("doc_id"), copy * base.num_rows))
+            writer.write_table(shifted, row_group_size=row_group_size)
+    return copies * base.num_rows
 
 
 def bench_model(fixture, out: Path, max_positions: int, seed: int = 0) -> Path:

@@ -28,12 +28,10 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 from rich.table import Table
 
-from common import write_results
+from common import repeated_corpus, write_results
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
 from rayattr.fixtures import default_cache_dir, make_fixture
 from rayattr.ray.pipeline import BuildProgress, build, peak_rss_mb
@@ -85,16 +83,6 @@ class WorkerPeaks:
             self.at_1x = peak
         if self.at_half is None and progress.docs >= progress.total_docs / 2:
             self.at_half = peak
-
-
-def repeated_corpus(source: Path, docs: int, copies: int, out: Path) -> Path:
-    """The first ``docs`` documents written ``copies`` times with distinct ``doc_id``, one copy in memory."""
-    base = pq.read_table(source).slice(0, docs)
-    column = base.schema.get_field_index("doc_id")
-    with pq.ParquetWriter(out, base.schema) as writer:
-        for copy in range(copies):
-            writer.write_table(base.set_column(column, "doc_id", pc.add(base.column("doc_id"), copy * docs)))
-    return out
 
 
 def run_spec(setup: Setup, data: DataSpec) -> RunSpec:
@@ -254,7 +242,8 @@ def main() -> None:
         setup = Setup(str(fixture.neox), args.device, args.workers, f"{tmp}/queries", size.docs)
         in_fresh_process(make_queries, setup, str(fixture.queries))
         for copies in size.copies:
-            train = str(repeated_corpus(fixture.train, size.docs, copies, Path(tmp) / f"train-{copies}x.parquet"))
+            train = str(Path(tmp) / f"train-{copies}x.parquet")
+            repeated_corpus(fixture.train, Path(train), copies, size.docs)
             for command in COMMANDS:
                 row = in_fresh_process(run_case, setup, command, train, f"{tmp}/{command}-{copies}x")
                 rows.append({"command": command, "copies": copies} | row)

@@ -516,7 +516,7 @@ def index_command(
     ann: Annotated[bool, typer.Option(help="Build an IVF-PQ index on the gradients for `rayattr query --ann`")] = False,
     metric: Annotated[AnnMetric, typer.Option(help="cosine (for --unit-norm queries) or dot (inner product)")] = AnnMetric.cosine,
     num_partitions: Annotated[int | None, typer.Option(help="IVF partitions (default sqrt(rows), at most rows/256)")] = None,
-    num_sub_vectors: Annotated[int | None, typer.Option(help="PQ sub-vectors; must divide the dimension (default dim/4)")] = None,
+    num_sub_vectors: Annotated[int | None, typer.Option(help="PQ sub-vectors; must divide the dimension (default dim/8, at least 16)")] = None,
 ) -> None:
     """Show what a gradient table offers for search; --ann builds an approximate-search index on it."""
     from rayattr.search import Index, ann_metric, build_ann_index
