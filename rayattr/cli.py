@@ -557,7 +557,7 @@ def query_command(
     hessian: Annotated[str | None, typer.Option("--hessian", "--hessian-path", help="Statistics directory: H^-1 on the query (H^-1/2 both sides with --unit-norm)")] = None,
     ann: Annotated[bool, typer.Option(help="Approximate search with the index from `rayattr index --ann`")] = False,
     nprobes: Annotated[int, typer.Option(help="IVF partitions searched (--ann)")] = 20,
-    refine_factor: Annotated[int, typer.Option(help="Candidates re-ranked exactly, as a multiple of k (--ann)")] = 10,
+    refine_factor: Annotated[int, typer.Option(help="Candidates re-ranked exactly, as a multiple of k (--ann)")] = 20,
     model: Annotated[str | None, typer.Option(help="Load the index's model from here instead of its recorded path")] = None,
 ) -> None:
     """Rank the training documents of an index for query texts by gradient similarity."""

@@ -66,8 +66,9 @@ MAX_ITERATIONS = 10
 # Training vectors per IVF partition (LanceDB's default is 256): the IVF k-means costs
 # partitions x sample, which at sqrt(rows) partitions grows linearly with the rows.
 SAMPLE_RATE = 64
-# Candidates re-ranked exactly per result, as a multiple of k.
-REFINE_FACTOR = 10
+# Candidates re-ranked exactly per result, as a multiple of k. With 128 sub-vectors over 1e6
+# rows, 10 left recall@10 at 0.94-0.95 whatever nprobes; 20 reached 0.99 for ~1 ms more.
+REFINE_FACTOR = 20
 
 
 @dataclass
