@@ -19,6 +19,7 @@ from rich.table import Table
 
 from rayattr import config, storage
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec, check_zero_stage
+from rayattr.hessian.factors import STATS_SUBDIR
 from rayattr.score import AGGREGATIONS, SCORE_MODES
 
 app = typer.Typer(help="Gradient-based training-data attribution on Ray.", no_args_is_help=True, add_completion=False)
@@ -96,6 +97,11 @@ RankTotalOpt = Annotated[Optional[int], typer.Option(
 RankMinOpt = Annotated[int, typer.Option(help="Smallest p_out and p_in --proj-rank-total gives a module")]
 RowOrthonormalOpt = Annotated[bool, typer.Option(help="Kronecker factors with orthogonal rows (QR of the random draw)")]
 SeedOpt = Annotated[int, typer.Option(help="Projection seed")]
+IncludeBiasOpt = Annotated[bool, typer.Option(
+    help="Also attribute through biases: a biased module's gradient is [G | g_b] (kronfluence's convention)")]
+LossReduction = _choices("LossReduction", typing.get_args(config.LossReduction))
+LossReductionOpt = Annotated[LossReduction, typer.Option(
+    help="Each document's loss: sum over its label tokens (Bergson's and kronfluence's convention), or mean")]
 ModulesOpt = Annotated[Optional[list[str]], typer.Option(help="Glob of module names to include (repeatable)")]
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option(help="Glob of module names to exclude (repeatable)")]
 TokenBatchOpt = Annotated[int, typer.Option(help="Padded tokens per forward/backward batch")]
@@ -144,6 +150,8 @@ def _stream_options(
     proj_rank_min: RankMinOpt = 1,
     row_orthonormal: RowOrthonormalOpt = False,
     seed: SeedOpt = 0,
+    include_bias: IncludeBiasOpt = False,
+    loss_reduction: LossReductionOpt = LossReduction.sum,
     modules: ModulesOpt = None,
     exclude_modules: ExcludeOpt = None,
     token_batch_size: TokenBatchOpt = 2048,
@@ -199,7 +207,8 @@ def normalizer(
     if (optimizer_state is None) == (dataset is None):
         raise RayattrError("pass exactly one of --optimizer-state PATH or --dataset D")
     if optimizer_state is not None:
-        made = from_optimizer_state(optimizer_state, load_model(ModelSpec(model=model, device="cpu")), kind=kind.value)
+        made = from_optimizer_state(optimizer_state, load_model(ModelSpec(model=model, device="cpu")), kind=kind.value,
+                                    include_bias=options["include_bias"])
         made.save(out)
     else:
         spec = _run_spec(model, dataset, **options, projection_dim=0)
@@ -237,7 +246,7 @@ def hessian(
     check_zero_stage(zero_stage)
     if _saved(save_config, HessianConfig(run_path, spec, method.value, workers, zero_stage)):
         return
-    out = storage.join(run_path, "stats")
+    out = storage.join(run_path, STATS_SUBDIR)
     with console.status(f"fitting {method.value}"):
         summary = fit(out, spec, method.value, workers=workers, ray_address=ray_address, zero_stage=zero_stage)
     table = Table("module", "gradient shape", "top eigenvalue", "condition number", title=(
@@ -358,6 +367,8 @@ def trackstar_command(
     truncation: TruncationOpt = False,
     projection_dim: ProjectionDimOpt = 16,
     seed: SeedOpt = 0,
+    include_bias: IncludeBiasOpt = False,
+    loss_reduction: LossReductionOpt = LossReduction.sum,
     modules: ModulesOpt = None,
     exclude_modules: ExcludeOpt = None,
     token_batch_size: TokenBatchOpt = 2048,
@@ -379,8 +390,9 @@ def trackstar_command(
     from rayattr.trackstar import TrackstarSpec
 
     base = _run_spec(model, dataset, split, text_column=text_column, max_length=max_length, truncation=truncation,
-                     precision=precision, projection_dim=projection_dim, seed=seed, modules=modules,
-                     exclude_modules=exclude_modules, token_batch_size=token_batch_size)
+                     precision=precision, projection_dim=projection_dim, seed=seed, include_bias=include_bias,
+                     loss_reduction=loss_reduction, modules=modules, exclude_modules=exclude_modules,
+                     token_batch_size=token_batch_size)
     query = DataSpec(query_dataset, split=query_split, text_column=query_text_column, prompt_column=query_prompt_column,
                      completion_column=query_completion_column, max_length=max_length, truncation=truncation)
     spec = TrackstarSpec(run_path, base.model, base.data, query, base.grads, normalizer.value, optimizer_state,

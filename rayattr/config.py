@@ -24,6 +24,7 @@ ProjectionType = Literal[
 ]
 KRONECKER_ALIASES = {"kronecker-rademacher": "rademacher", "kronecker-normal": "normal"}
 VectorDtype = Literal["float16", "float32"]
+LossReduction = Literal["sum", "mean"]
 
 
 ZERO_STAGES = (0, 3)  # 0: a model replica per worker; 3: parameters partitioned over the workers
@@ -121,6 +122,8 @@ class GradSpec:
     proj_rank_total: int | None = None  # per-module budget p_out * p_in <= this; None: p x p
     proj_rank_min: int = 1  # smallest p_out and p_in the allocation gives a module
     row_orthonormal: bool = False  # Kronecker factors with orthogonal rows (QR of the draw)
+    include_bias: bool = False  # biased modules' gradients gain the bias column: [G | g_b], in_features + 1
+    loss_reduction: LossReduction = "sum"  # "mean": each document's loss divided by its label-token count
 
     def __post_init__(self) -> None:
         if self.projection_dim < 0:
@@ -132,6 +135,8 @@ class GradSpec:
             )
         object.__setattr__(self, "projection_type", kind)
         self._check_kronecker_options()
+        if self.loss_reduction not in typing.get_args(LossReduction):
+            raise RayattrError(f"--loss-reduction must be sum or mean, got {self.loss_reduction!r}")
         if self.token_batch_size < 2:
             raise RayattrError(f"--token-batch-size must be >= 2, got {self.token_batch_size}")
         # Lists from YAML/CLI become tuples so specs stay hashable.
@@ -161,7 +166,8 @@ class GradSpec:
         return bool(self.projection_dim) and self.projection_type in typing.get_args(SketchType)
 
     def projection_fingerprint(self) -> str:
-        """The fields that decide which random subspace vectors live in.
+        """The fields that decide which space vectors live in: the random subspace,
+        plus the bias columns and the loss scaling when they are not the defaults.
 
         Options at their defaults are left out, so specs that predate them keep
         their fingerprints.
@@ -171,6 +177,10 @@ class GradSpec:
             fields |= {"rank_total": self.proj_rank_total, "rank_min": self.proj_rank_min}
         if self.row_orthonormal:
             fields["row_orthonormal"] = True
+        if self.include_bias:
+            fields["include_bias"] = True
+        if self.loss_reduction != "sum":
+            fields["loss_reduction"] = self.loss_reduction
         return stable_hash(fields)
 
 

@@ -137,7 +137,7 @@ def trackstar(spec: TrackstarSpec, *, resume: bool = False, ray_address: str | N
         def make_normalizer() -> dict[str, Any]:
             if spec.optimizer_state:
                 model = load_model(dataclasses.replace(spec.model, device="cpu"))
-                from_optimizer_state(spec.optimizer_state, model, spec.normalizer).save(out)
+                from_optimizer_state(spec.optimizer_state, model, spec.normalizer, grads.include_bias).save(out)
                 return {"source": spec.optimizer_state}
             full = RunSpec(spec.model, sample, dataclasses.replace(grads, projection_dim=0))
             return _summary(fit(out, full, "normalizer", normalizer_kind=spec.normalizer, **common))

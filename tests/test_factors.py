@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from rayattr.hessian.factors import (
     ABSOLUTE_DAMPING,
     INVERSION_MODES,
     MANIFEST,
+    STATS_SUBDIR,
     Eigen,
     apply_dense,
     apply_factored,
@@ -346,6 +348,16 @@ def test_mixing_lambda_clamps_target_with_warning() -> None:
         mixing_lambda([], [torch.ones(2)])
 
 
+def test_mixing_lambda_warns_once_when_saturated() -> None:
+    """Two query eigenvalues and a target of 3: s_q[2] = 0, so lambda = 1 and the mix is the query moment."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lam, k = mixing_lambda([torch.tensor([10.0, 5.0, 1.0])], [torch.tensor([4.0, 2.0, 0.0])], 3)
+    assert (lam, k) == (1.0, 2)
+    assert len(caught) == 1 and "saturated at 1.0" in str(caught[0].message)
+    assert "2 nonzero eigenvalues" in str(caught[0].message) and "below 2" in str(caught[0].message)
+
+
 def test_mix_formula_and_identical_statistics() -> None:
     h = random_psd(5, seed=27)
     lam, _ = mixing_lambda([eigh_psd(h).values], [eigh_psd(h).values], target_downweight_components=3)
@@ -447,7 +459,6 @@ def corrupt_manifest_missing(directory) -> None:
         (corrupt_delete, f"missing statistics file .*{PLAIN}"),
         (corrupt_flip_byte, f"checksum mismatch .*{PLAIN}"),
         (corrupt_shape, r"shape mismatch .*'A' has shape \[4, 4\], manifest says \[4, 5\]"),
-        (corrupt_manifest_missing, "missing statistics manifest"),
     ],
 )
 def test_load_detects_corruption(saved, corrupt, problem: str) -> None:
@@ -456,6 +467,22 @@ def test_load_detects_corruption(saved, corrupt, problem: str) -> None:
     with pytest.raises(RayattrError, match=problem) as info:
         load_stats(directory)
     assert "re-run the fit" in str(info.value)
+
+
+def test_missing_manifest_names_the_paths_accepted(saved) -> None:
+    directory, _ = saved
+    corrupt_manifest_missing(directory)
+    with pytest.raises(RayattrError, match="no statistics at .*pass the RUN_PATH given to `rayattr hessian`"):
+        load_stats(directory)
+
+
+def test_load_accepts_the_hessian_run_path(saved) -> None:
+    """`--hessian-path RUN` means RUN/stats, where `rayattr hessian RUN` wrote them."""
+    directory, expected = saved
+    assert directory.name == STATS_SUBDIR
+    tensors, _ = load_stats(directory.parent)
+    assert sorted(tensors) == sorted(expected)
+    assert all(torch.equal(tensors[m][k], t) for m, named in expected.items() for k, t in named.items())
 
 
 def test_eigen_is_frozen() -> None:

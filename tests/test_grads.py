@@ -81,17 +81,23 @@ def spy_batches(engine: GradientEngine) -> list[tuple[int, int]]:
     return shapes
 
 
-def reference(model: torch.nn.Module, tokens: np.ndarray, label_start: int, names: list[str] | None = None):
+def reference(
+    model: torch.nn.Module, tokens: np.ndarray, label_start: int, names: list[str] | None = None,
+    mean: bool = False, bias: bool = False,
+):
     """Brute-force ``(summed loss, {module: grad [out, in]})`` of one document, batch size 1.
 
-    ``names=None`` reads every Linear/Conv1D weight gradient.
+    ``names=None`` reads every Linear/Conv1D weight gradient. ``mean`` averages
+    the loss over the target tokens; ``bias`` appends each biased module's
+    ``bias.grad`` as a last column, ``[out, in + 1]``.
     """
     model.zero_grad(set_to_none=True)
     ids = torch.as_tensor(tokens, dtype=torch.long).unsqueeze(0)
     logits = model(input_ids=ids).logits[0]
     token_loss = F.cross_entropy(logits[:-1], ids[0, 1:], reduction="none")
     # token_loss[j] predicts the token at position j + 1; only positions >= label_start count.
-    loss = token_loss[max(label_start, 1) - 1 :].sum()
+    targets = token_loss[max(label_start, 1) - 1 :]
+    loss = targets.mean() if mean else targets.sum()
     loss.backward()
     modules = dict(model.named_modules())
     if names is None:
@@ -100,7 +106,10 @@ def reference(model: torch.nn.Module, tokens: np.ndarray, label_start: int, name
     for name in names:
         module = modules[name]
         grad = module.weight.grad
-        grads[name] = (grad.T if isinstance(module, Conv1D) else grad).detach().numpy().copy()
+        grad = grad.T if isinstance(module, Conv1D) else grad
+        if bias and module.bias is not None:
+            grad = torch.cat([grad, module.bias.grad[:, None]], dim=1)
+        grads[name] = grad.detach().numpy().copy()
     model.zero_grad(set_to_none=True)
     return loss.item(), grads
 
@@ -240,6 +249,25 @@ def test_loss_column_is_summed_cross_entropy(kind, doc_set, make_engine, doc_set
     np.testing.assert_allclose(rows.loss, want, rtol=TOL, atol=0)
     # Summed, not averaged: the longest document's loss is far above a per-token mean.
     assert rows.loss.max() > 3 * np.log(engine.model.config.vocab_size)
+
+
+@pytest.mark.parametrize("kind", ["neox", "gpt2"])
+def test_bias_columns_and_mean_loss_match_brute_force(kind, make_engine, ref_models, doc_sets):
+    """``include_bias`` and ``loss_reduction="mean"`` (kronfluence's bias, a per-document mean)
+    against autograd's ``[W.grad | b.grad]`` of the mean loss."""
+    docs = doc_sets["prompt_completion"]
+    engine = make_engine(kind, spec_for(kind, include_bias=True, loss_reduction="mean"), "left")
+    rows = engine.rows(docs)
+    biased = [lay for lay in engine.layouts if engine.collector.model.get_submodule(lay.name).bias is not None]
+    assert biased and all(lay.bias for lay in biased)
+    for i in range(len(docs)):
+        loss, want = reference(ref_models[kind], docs.tokens[i], int(docs.label_start[i]), mean=True, bias=True)
+        assert rows.loss[i] == pytest.approx(loss, rel=TOL)
+        got = split_row(rows.grads[i], engine.layouts)
+        for lay in engine.layouts:
+            assert got[lay.name].shape == want[lay.name].shape
+            err = rel_err(got[lay.name], want[lay.name])
+            assert err <= TOL, f"doc {docs.ids[i]} module {lay.name}: rel err {err:.3e}"
 
 
 def test_gpt2_tied_head_matches_untied_reference(make_engine, load_fixture_model, doc_sets):

@@ -32,8 +32,8 @@ def docs(fixture_tokenizer) -> TokenizedDocs:
     return TokenizedDocs(np.arange(len(texts)), tokens, np.ones(len(texts), np.int64))
 
 
-def _full_grads(model, docs, pad_id) -> tuple[dict[str, torch.Tensor], GradientEngine]:
-    engine = GradientEngine(model, GradSpec(projection_dim=0), pad_id)
+def _full_grads(model, docs, pad_id, include_bias: bool = False) -> tuple[dict[str, torch.Tensor], GradientEngine]:
+    engine = GradientEngine(model, GradSpec(projection_dim=0, include_bias=include_bias), pad_id)
     rows = torch.from_numpy(engine.rows(docs).grads)
     engine.close()
     return {l.name: rows[:, l.offset : l.offset + l.width].view(-1, l.out_features, l.in_features) for l in engine.layouts}, engine
@@ -78,19 +78,26 @@ def test_adafactor_factored_path_equals_explicit_formula(load_fixture_model, fix
     engine.close()
 
 
-@pytest.mark.parametrize("projection_dim", [0, 4])
-def test_adam_from_saved_adamw_state_matches_direct_computation(trained, fixture_tokenizer, docs, projection_dim):
+@pytest.mark.parametrize(("projection_dim", "include_bias"), [(0, False), (4, False), (4, True)])
+def test_adam_from_saved_adamw_state_matches_direct_computation(trained, fixture_tokenizer, docs, projection_dim,
+                                                                include_bias):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(trained).eval()
-    normalizer = from_optimizer_state(trained / "optimizer.pt", model, kind="adam")
+    normalizer = from_optimizer_state(trained / "optimizer.pt", model, kind="adam", include_bias=include_bias)
     # Direct: look the state entry up by the saved parameter order.
     state = torch.load(trained / "optimizer.pt", weights_only=True)
     names = json.loads((trained / "optimizer_param_names.json").read_text())
     order = [i for group in state["param_groups"] for i in group["params"]]
-    direct_v = {name[: -len(".weight")]: state["state"][i]["exp_avg_sq"] for i, name in zip(order, names) if name.endswith(".weight")}
-    full, _ = _full_grads(model, docs, fixture_tokenizer.pad_token_id)
-    engine = GradientEngine(model, GradSpec(projection_dim=projection_dim), fixture_tokenizer.pad_token_id, normalizer=normalizer)
+    saved = {name: state["state"][i]["exp_avg_sq"] for i, name in zip(order, names)}
+    direct_v = {name[: -len(".weight")]: v for name, v in saved.items() if name.endswith(".weight")}
+    if include_bias:  # [v_W | v_b], the layout of [G | g_b]
+        direct_v = {m: torch.cat([v, saved[f"{m}.bias"][:, None]], 1) if v.dim() == 2 and f"{m}.bias" in saved else v
+                    for m, v in direct_v.items()}
+        assert any(v.shape[1] == getattr(model.get_submodule(m), "in_features", -2) + 1 for m, v in direct_v.items())
+    full, _ = _full_grads(model, docs, fixture_tokenizer.pad_token_id, include_bias)
+    spec = GradSpec(projection_dim=projection_dim, include_bias=include_bias)
+    engine = GradientEngine(model, spec, fixture_tokenizer.pad_token_id, normalizer=normalizer)
     explicit = {}
     for layout in engine.layouts:
         v = direct_v[layout.name]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from rayattr.config import GradSpec, RayattrError
+from rayattr.config import GradSpec, LossReduction, RayattrError
 from rayattr.grads.allocation import allocate_ranks
 from rayattr.grads.normalizer import Normalizer
 from rayattr.grads.projection import KroneckerProjection, module_projection
@@ -43,6 +43,7 @@ class ModuleLayout:
     p_out: int
     p_in: int
     offset: int
+    bias: bool = False  # in_features counts a ones column appended to the inputs: [G | g_b]
 
     @property
     def width(self) -> int:
@@ -67,29 +68,40 @@ class CollectedBatch:
     """Gradients of one batch: a row per document, or per token in per-token mode."""
 
     grads: torch.Tensor  # [rows, D] float32
-    loss: torch.Tensor  # [B] float32, summed over each document's label tokens
+    loss: torch.Tensor  # [B] float32 over each document's label tokens (GradSpec.loss_reduction)
     row_example: torch.Tensor  # [rows] index of the document in the batch
     row_token_pos: torch.Tensor | None  # [rows] position in the document (per-token mode)
 
 
-def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
-    """``(out, in)`` of a module whose gradient the collector understands."""
+def _linear_shape(module: nn.Module, include_bias: bool) -> tuple[int, int] | None:
+    """``(out, in)`` of a module whose gradient the collector understands; ``in + 1`` for its bias."""
     if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    if isinstance(module, Conv1D):
+        out_features, in_features = module.out_features, module.in_features
+    elif isinstance(module, Conv1D):
         # A ZeRO-3 partitioned weight is an empty placeholder that keeps its full shape in ``ds_shape``.
         in_features, out_features = getattr(module.weight, "ds_shape", module.weight.shape)
-        return out_features, in_features
-    return None
+    else:
+        return None
+    return out_features, in_features + int(include_bias and has_bias(module))
 
 
-def select_modules(model: nn.Module, include: tuple[str, ...], exclude: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+def has_bias(module: nn.Module) -> bool:
+    return getattr(module, "bias", None) is not None
+
+
+def select_modules(
+    model: nn.Module, include: tuple[str, ...], exclude: tuple[str, ...], include_bias: bool = False
+) -> dict[str, tuple[int, int]]:
     """Linear/Conv1D modules whose names match an include glob and no exclude glob.
 
     Returns ``{name: (out, in)}`` in the model's module order, which fixes the
-    layout of every gradient row.
+    layout of every gradient row. With ``include_bias`` a biased module's
+    gradient is ``[G | g_b]``, the weight gradient of its inputs with a ones
+    column appended.
     """
-    candidates = {name: shape for name, m in model.named_modules() if (shape := _linear_shape(m)) is not None}
+    candidates = {
+        name: shape for name, m in model.named_modules() if (shape := _linear_shape(m, include_bias)) is not None
+    }
     chosen = {
         name: shape
         for name, shape in candidates.items()
@@ -115,12 +127,15 @@ def projection_sizes(shapes: dict[str, tuple[int, int]], spec: GradSpec) -> dict
     return {name: (spec.projection_dim, spec.projection_dim) for name in shapes}
 
 
-def plan_layout(shapes: dict[str, tuple[int, int]], spec: GradSpec) -> list[ModuleLayout]:
-    """Assign each module its ``p_out x p_in`` slice of the row vector (before any sketch)."""
+def plan_layout(
+    shapes: dict[str, tuple[int, int]], spec: GradSpec, biased: frozenset[str] = frozenset()
+) -> list[ModuleLayout]:
+    """Assign each module its ``p_out x p_in`` slice of the row vector (before any sketch);
+    ``biased`` names the modules whose ``in`` counts a bias column."""
     layouts, offset = [], 0
     for name, (p_out, p_in) in projection_sizes(shapes, spec).items():
         out_features, in_features = shapes[name]
-        layouts.append(ModuleLayout(name, out_features, in_features, p_out, p_in, offset))
+        layouts.append(ModuleLayout(name, out_features, in_features, p_out, p_in, offset, name in biased))
         offset += p_out * p_in
     return layouts
 
@@ -139,8 +154,10 @@ class GradientCollector:
     def __init__(self, model: nn.Module, spec: GradSpec, normalizer: Normalizer | None = None) -> None:
         self.model = model
         self.spec = spec
-        shapes = select_modules(model, spec.modules, spec.exclude_modules)
-        self.layouts = plan_layout(shapes, spec)
+        shapes = select_modules(model, spec.modules, spec.exclude_modules, spec.include_bias)
+        modules = dict(model.named_modules())
+        biased = frozenset(name for name in shapes if spec.include_bias and has_bias(modules[name]))
+        self.layouts = plan_layout(shapes, spec, biased)
         self.width = sum(layout.width for layout in self.layouts)  # the hooks' row, before any sketch
         self.device = device = next(model.parameters()).device
         self.sketch = None
@@ -169,7 +186,6 @@ class GradientCollector:
                     del self.scales[layout.name]
                 self.projections[layout.name] = KroneckerProjection(left, right)
         model.requires_grad_(False)
-        modules = dict(model.named_modules())
         self._handles = [
             modules[layout.name].register_forward_hook(partial(self._on_forward, layout)) for layout in self.layouts
         ]
@@ -190,7 +206,7 @@ class GradientCollector:
         self._handles.clear()
 
     def collect(self, batch: TokenBatch, emit_rows: bool = True) -> CollectedBatch:
-        """Per-example gradients of the summed causal-LM loss of ``batch``.
+        """Per-example gradients of the causal-LM loss of ``batch`` (``spec.loss_reduction`` per document).
 
         ``emit_rows=False`` runs the hooks for the ``tap`` alone and returns no
         rows: K-FAC needs per-token factors, not per-example gradients.
@@ -218,7 +234,7 @@ class GradientCollector:
                 position_ids=batch.position_ids,
                 use_cache=False,
             ).logits
-            loss = per_example_loss(logits, batch.input_ids, batch.label_mask)
+            loss = per_example_loss(logits, batch.input_ids, batch.label_mask, self.spec.loss_reduction)
             loss.sum().backward()
             missing = [name for name in self._acts]
             if missing:
@@ -262,6 +278,8 @@ class GradientCollector:
         if layout.name in self._acts:
             raise RayattrError(f"module {layout.name} ran twice in one forward pass; exclude it with --exclude-modules")
         acts = inputs[0].float()
+        if layout.bias:
+            acts = torch.cat([acts, acts.new_ones(*acts.shape[:-1], 1)], dim=-1)
         if self._summed:
             acts = acts.reshape(1, -1, acts.shape[-1])
         scale = self.scales.get(layout.name)
@@ -308,10 +326,15 @@ class GradientCollector:
         return grad[mask].unsqueeze(2) * acts[mask].unsqueeze(1)
 
 
-def per_example_loss(logits: torch.Tensor, input_ids: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
-    """Causal-LM cross-entropy summed over each document's label tokens, ``[B]``."""
+def per_example_loss(
+    logits: torch.Tensor, input_ids: torch.Tensor, label_mask: torch.Tensor, reduction: LossReduction = "sum"
+) -> torch.Tensor:
+    """Causal-LM cross-entropy over each document's label tokens, ``[B]``: their sum, or
+    (``"mean"``) their mean, which weighs every document alike whatever its length."""
+    targets = label_mask[:, 1:]
     token_loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
-    return token_loss.masked_fill(~label_mask[:, 1:], 0.0).sum(1)
+    summed = token_loss.masked_fill(~targets, 0.0).sum(1)
+    return summed / targets.sum(1).clamp(min=1) if reduction == "mean" else summed
 
 
 def _require_grad(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:

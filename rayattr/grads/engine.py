@@ -122,6 +122,10 @@ class GradientEngine:
             meta |= {"rank_total": spec.proj_rank_total, "rank_min": spec.proj_rank_min}
         if spec.row_orthonormal:
             meta["row_orthonormal"] = True
+        if spec.include_bias:
+            meta["include_bias"] = True
+        if spec.loss_reduction != "sum":
+            meta["loss_reduction"] = spec.loss_reduction
         return meta
 
     def rows(self, docs: TokenizedDocs) -> GradientRows:

@@ -113,8 +113,14 @@ class Normalizer:
         return normalizer
 
 
-def from_optimizer_state(path: str | Path, model: nn.Module, kind: NormalizerKind = "adafactor") -> Normalizer:
+def from_optimizer_state(
+    path: str | Path, model: nn.Module, kind: NormalizerKind = "adafactor", include_bias: bool = False
+) -> Normalizer:
     """Moments of the model's Linear/Conv1D weights from an AdamW or Adafactor state dict.
+
+    With ``include_bias`` a biased module's moments are ``[v_W | v_b]``, laid
+    out like the collector's ``[G | g_b]``; only an unfactored (Adam) state
+    holds the bias column's moments exactly.
 
     Parameter order: ``optimizer_param_names.json`` beside the file when present,
     else the HF Trainer's order (decayed weights first, then biases and norms),
@@ -138,9 +144,14 @@ def from_optimizer_state(path: str | Path, model: nn.Module, kind: NormalizerKin
     names = _match_order(path, state["state"], indices, params)
     weights = {name: module for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))}
     moments: dict[str, dict[str, torch.Tensor]] = {}
+    bias_moments: dict[str, torch.Tensor] = {}
     for index, name in zip(indices, names):
         module_name, _, leaf = name.rpartition(".")
-        if leaf != "weight" or module_name not in weights or index not in state["state"]:
+        if module_name not in weights or index not in state["state"]:
+            continue
+        if leaf == "bias" and include_bias and "exp_avg_sq" in state["state"][index]:
+            bias_moments[module_name] = state["state"][index]["exp_avg_sq"].float()
+        if leaf != "weight":
             continue
         transposed = isinstance(weights[module_name], Conv1D)  # stored [in, out]
         entry = state["state"][index]
@@ -154,9 +165,27 @@ def from_optimizer_state(path: str | Path, model: nn.Module, kind: NormalizerKin
                 raise RayattrError(f"{path} holds Adafactor (factored) moments; use --kind adafactor")
     if not moments:
         raise RayattrError(f"{path} has no second moments (exp_avg_sq / exp_avg_sq_row) for any Linear/Conv1D weight")
+    if include_bias:
+        _append_bias_moments(path, moments, bias_moments, weights)
     factored = "row" in next(iter(moments.values()))
     normalizer = Normalizer("adafactor" if factored else "adam", moments, str(path))
     return normalizer.to_adafactor() if kind == "adafactor" else normalizer
+
+
+def _append_bias_moments(
+    path: Path, moments: dict[str, dict[str, torch.Tensor]], bias_moments: dict[str, torch.Tensor],
+    weights: dict[str, nn.Module],
+) -> None:
+    """``v <- [v | v_b]`` for every biased module, in place."""
+    for name, m in moments.items():
+        if getattr(weights[name], "bias", None) is None:
+            continue
+        if "v" not in m or name not in bias_moments:
+            raise RayattrError(
+                f"{path} holds no unfactored second moment for {name}'s weight and bias, which --include-bias needs; "
+                "fit the normalizer from data (`rayattr normalizer`) or leave out --include-bias"
+            )
+        m["v"] = torch.cat([m["v"], bias_moments[name][:, None]], dim=1)
 
 
 def _match_order(path: Path, state: dict, indices: list[int], params: dict[str, nn.Parameter]) -> list[str]:

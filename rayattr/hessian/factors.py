@@ -38,6 +38,7 @@ MIXING_FALLBACK = 0.99
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+STATS_SUBDIR = "stats"  # where `rayattr hessian RUN_PATH` writes its statistics
 _RESERVED_MANIFEST_KEYS = ("files", "format_version")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
 
@@ -198,7 +199,16 @@ def mixing_lambda(
     denominator = float(s_q[k] + s_i[k])
     if denominator == 0:
         return MIXING_FALLBACK, k
-    return min(max(float(s_i[k]) / denominator, 0.0), 1.0), k
+    lam = min(max(float(s_i[k]) / denominator, 0.0), 1.0)
+    if lam == 1.0:
+        rank = int((s_q > s_q[0] * 1e-10).sum()) if float(s_q[0]) > 0 else 0
+        warnings.warn(
+            f"TrackStar lambda saturated at 1.0: the query statistics have {rank} nonzero eigenvalues, fewer than "
+            f"target_downweight_components={target_downweight_components}, so the mixed Hessian is the query "
+            f"moment alone; pass --target-downweight-components below {max(rank, 1)}",
+            stacklevel=2,
+        )
+    return lam, k
 
 
 def _pooled_descending(values: list[torch.Tensor]) -> torch.Tensor:
@@ -260,17 +270,29 @@ def save_stats(directory: str | Path, tensors: dict[str, dict[str, torch.Tensor]
     storage.write_bytes(storage.join(root, MANIFEST), json.dumps(body, indent=2, sort_keys=True).encode())
 
 
+def stats_directory(path: str) -> str:
+    """The statistics directory a user means by ``path``: itself, or the ``stats/``
+    inside the RUN_PATH that `rayattr hessian` was given."""
+    if storage.exists(storage.join(path, MANIFEST)):
+        return path
+    nested = storage.join(path, STATS_SUBDIR)
+    if storage.exists(storage.join(nested, MANIFEST)):
+        return nested
+    raise RayattrError(
+        f"no statistics at {path} (no {MANIFEST} there or in {STATS_SUBDIR}/): pass the RUN_PATH given to "
+        "`rayattr hessian`, its stats/ directory, or the output of `rayattr mix`"
+    )
+
+
 def load_stats(directory: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
     """Load statistics saved by :func:`save_stats`, verifying checksums and shapes.
 
     Uses safetensors only (never pickle). Returns ``(tensors, manifest)`` where
     ``manifest`` is the stored JSON, including ``files`` and ``format_version``.
     """
-    root = str(directory)
+    root = stats_directory(str(directory))
     manifest_path = storage.join(root, MANIFEST)
     refit = "re-run the fit to regenerate the statistics"
-    if not storage.exists(manifest_path):
-        raise RayattrError(f"missing statistics manifest {manifest_path}; {refit}")
     try:
         manifest = json.loads(storage.read_bytes(manifest_path))
         files = manifest["files"]
