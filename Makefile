@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rayattr-installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench bench-peers install clean
 
 install: $(STAMP)
 
@@ -33,6 +33,12 @@ bench: $(STAMP)
 	$(BENCH) benchmarks/fact_tracing.py --size small
 	$(BENCH) benchmarks/query.py --size small
 	$(BENCH) benchmarks/scaling.py --size small
+	$(PY) benchmarks/report.py
+
+# rayattr next to Bergson and kronfluence (~16 min on 2 cores); their venvs are made once under ~/.cache/rayattr/peers.
+bench-peers: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(BENCH) benchmarks/peers.py --size small --torch "$(TORCH)"
 	$(PY) benchmarks/report.py
 
 clean:

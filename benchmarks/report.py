@@ -21,6 +21,7 @@ SECTIONS = {  # results file stem: what it measures
     "fact_tracing_easy": "Fact-tracing quality (`benchmarks/fact_tracing.py`)",
     "query": "LanceDB query latency (`benchmarks/query.py`)",
     "scaling": "Build scaling over workers on a 2-node cluster (`benchmarks/scaling.py`)",
+    "peers": "Side by side with Bergson and kronfluence (`benchmarks/peers.py`)",
 }
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
