@@ -19,7 +19,7 @@ from rich.table import Table
 
 from rayattr import config, storage
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec, check_zero_stage
-from rayattr.hessian.factors import STATS_SUBDIR
+from rayattr.hessian.factors import STATS_SUBDIR, TARGET_DOWNWEIGHT_COMPONENTS
 from rayattr.score import AGGREGATIONS, SCORE_MODES
 
 app = typer.Typer(help="Gradient-based training-data attribution on Ray.", no_args_is_help=True, add_completion=False)
@@ -36,7 +36,7 @@ Precision = _choices("Precision", typing.get_args(config.Precision))
 ProjectionKind = _choices("ProjectionKind", typing.get_args(config.ProjectionType))
 VectorDtype = _choices("VectorDtype", typing.get_args(config.VectorDtype))
 NormalizerKind = _choices("NormalizerKind", ("adafactor", "adam"))
-TrackstarNormalizer = _choices("TrackstarNormalizer", ("adafactor", "adam", "none"))
+TrackstarNormalizer = _choices("TrackstarNormalizer", ("auto", "adafactor", "adam", "none"))
 Method = _choices("Method", ("second-moment", "kfac", "ekfac"))
 AggregationKind = _choices("AggregationKind", AGGREGATIONS)
 ScoreKind = _choices("ScoreKind", SCORE_MODES)
@@ -262,7 +262,7 @@ def mix(
     query: Annotated[str, typer.Option(help="Statistics directory of the query set (second-moment)")],
     index: Annotated[str, typer.Option(help="Statistics directory of the index set (second-moment)")],
     out: Annotated[str, typer.Option(help="Directory for the mixed statistics")],
-    target_downweight_components: Annotated[int, typer.Option(help="Eigen-rank at which the two spectra cross")] = 1000,
+    target_downweight_components: Annotated[int, typer.Option(help="Eigen-rank at which the two spectra cross")] = TARGET_DOWNWEIGHT_COMPONENTS,
 ) -> None:
     """TrackStar mixing: H = lam * H_query + (1 - lam) * H_index, lam from the pooled spectra."""
     from rayattr.hessian.mixing import mix_stats
@@ -373,10 +373,11 @@ def trackstar_command(
     exclude_modules: ExcludeOpt = None,
     token_batch_size: TokenBatchOpt = 2048,
     precision: PrecisionOpt = Precision.fp32,
-    optimizer_state: Annotated[Optional[str], typer.Option(help="optimizer.pt for the normalizer (else fitted from data)")] = None,
-    normalizer: Annotated[TrackstarNormalizer, typer.Option(help="Normalizer kind, or none")] = TrackstarNormalizer.adafactor,
+    optimizer_state: Annotated[Optional[str], typer.Option(help="optimizer.pt for the normalizer (without it, --normalizer adafactor|adam fits one from data)")] = None,
+    normalizer: Annotated[TrackstarNormalizer, typer.Option(
+        help="Normalizer kind; auto: adafactor from --optimizer-state when given, else none")] = TrackstarNormalizer.auto,
     stats_sample_size: Annotated[Optional[int], typer.Option(help="First N training rows for the index statistics")] = 10_000,
-    target_downweight_components: Annotated[int, typer.Option(help="Eigen-rank at which query and index spectra cross")] = 1000,
+    target_downweight_components: Annotated[int, typer.Option(help="Eigen-rank at which query and index spectra cross")] = TARGET_DOWNWEIGHT_COMPONENTS,
     mix: Annotated[bool, typer.Option(help="Mix query and index second moments (--no-mix: index only)")] = True,
     top_k: TopKOpt = 50,
     query_batch_size: QueryBatchOpt = 1024,

@@ -16,13 +16,14 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from rayattr import storage
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec, stable_hash, to_dict
 from rayattr.data import sample_split
+from rayattr.hessian.factors import TARGET_DOWNWEIGHT_COMPONENTS
 
-NormalizerChoice = Literal["adafactor", "adam", "none"]
+NormalizerChoice = Literal["auto", "adafactor", "adam", "none"]
 CONFIG_FILE = "trackstar.yaml"
 STEPS_DIR = "steps"
 
@@ -36,10 +37,12 @@ class TrackstarSpec:
     train: DataSpec
     query: DataSpec
     grads: GradSpec = field(default_factory=GradSpec)
-    normalizer: NormalizerChoice = "adafactor"
+    # auto: Adafactor from optimizer_state when given, else none (Bergson's convention; without
+    # an optimizer state, none beat an Adafactor fitted from data: benchmarks/trackstar_sweep.py)
+    normalizer: NormalizerChoice = "auto"
     optimizer_state: str | None = None  # moments from a checkpoint instead of fitting them
     stats_sample_size: int | None = 10_000  # first N training rows for the index statistics
-    target_downweight_components: int = 1000
+    target_downweight_components: int = TARGET_DOWNWEIGHT_COMPONENTS
     mix: bool = True
     top_k: int = 50
     query_batch_size: int = 1024
@@ -48,8 +51,10 @@ class TrackstarSpec:
     workers: int = 1
 
     def __post_init__(self) -> None:
-        if self.normalizer not in ("adafactor", "adam", "none"):
-            raise RayattrError(f"unknown normalizer {self.normalizer!r}; choose adafactor, adam or none")
+        if self.normalizer not in get_args(NormalizerChoice):
+            raise RayattrError(f"unknown normalizer {self.normalizer!r}; choose auto, adafactor, adam or none")
+        if self.normalizer == "auto":
+            object.__setattr__(self, "normalizer", "adafactor" if self.optimizer_state else "none")
         if self.optimizer_state and self.normalizer == "none":
             raise RayattrError("--optimizer-state makes a normalizer: choose --normalizer adafactor or adam with it")
         if self.grads.normalizer:

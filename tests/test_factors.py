@@ -340,7 +340,7 @@ def test_mixing_lambda_in_unit_interval_for_random_inputs() -> None:
 
 def test_mixing_lambda_clamps_target_with_warning() -> None:
     with pytest.warns(UserWarning, match="target_downweight_components=1000 exceeds the 3 eigenvalues"):
-        lam, k = mixing_lambda([torch.tensor([10.0, 5.0, 1.0])], [torch.tensor([4.0, 2.0, 3.0])])
+        lam, k = mixing_lambda([torch.tensor([10.0, 5.0, 1.0])], [torch.tensor([4.0, 2.0, 3.0])], 1000)
     assert k == 2 and lam == pytest.approx(1 / 3, abs=1e-15)
     with pytest.raises(RayattrError, match=">= 1"):
         mixing_lambda([torch.ones(2)], [torch.ones(2)], target_downweight_components=0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rayattr.config import RayattrError, stable_hash
-from rayattr.hessian.factors import eigh_psd, load_stats, mix, mixing_lambda, save_stats
+from rayattr.hessian.factors import TARGET_DOWNWEIGHT_COMPONENTS, eigh_psd, load_stats, mix, mixing_lambda, save_stats
 
 IDENTITY_FIELDS = ("model", "modules", "projection", "normalizer")
 
@@ -18,7 +18,7 @@ def require_same_space(first: dict, second: dict, what: str) -> None:
         )
 
 
-def mix_stats(query_dir: str, index_dir: str, out_dir: str, target_downweight_components: int = 1000) -> tuple[float, int]:
+def mix_stats(query_dir: str, index_dir: str, out_dir: str, target_downweight_components: int = TARGET_DOWNWEIGHT_COMPONENTS) -> tuple[float, int]:
     """Write ``lam * H_query + (1 - lam) * H_index`` per module (with its eigendecomposition) to ``out_dir``."""
     query, query_manifest = load_stats(query_dir)
     index, index_manifest = load_stats(index_dir)
