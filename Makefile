@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # Every benchmark at its small size (~16 min on 2 cores), then the README's results section.
 BENCH := PYTHONPATH=benchmarks:. $(PY)

@@ -55,7 +55,8 @@ from rayattr.grads.normalizer import from_optimizer_state
 from rayattr.hessian.mixing import mix_stats
 from rayattr.model import load_model
 from rayattr.ray.fit import fit
-from rayattr.ray.pipeline import BuildProgress, build, ensure_ray
+from rayattr.ray.pipeline import build, ensure_ray
+from rayattr.ray.progress import BuildProgress
 from rayattr.ray.score import ScoreResult, ScoreSettings, reduce, score
 
 KS = (1, 10)

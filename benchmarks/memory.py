@@ -34,7 +34,8 @@ from rich.table import Table
 from common import repeated_corpus, write_results
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
 from rayattr.fixtures import default_cache_dir, make_fixture
-from rayattr.ray.pipeline import BuildProgress, build, peak_rss_mb
+from rayattr.ray.pipeline import build
+from rayattr.ray.progress import BuildProgress, peak_rss_mb
 from rayattr.ray.score import ScoreSettings, reduce, score
 
 TARGET_RATIO = 1.1  # largest allowed Nx / 1x peak

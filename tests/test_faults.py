@@ -26,7 +26,8 @@ from rayattr.api import collect_in_process, open_index
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
 from rayattr.hessian.factors import load_stats
 from rayattr.ray.fit import fit
-from rayattr.ray.pipeline import BuildProgress, build
+from rayattr.ray.pipeline import build
+from rayattr.ray.progress import BuildProgress
 from rayattr.ray.score import ScoreSettings, reduce, score
 from rayattr.store import Completion
 

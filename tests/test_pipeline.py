@@ -15,7 +15,8 @@ import pytest
 
 from rayattr.api import build_index, collect_in_process, open_index
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
-from rayattr.ray.pipeline import _count_peaks
+from rayattr.ray.pipeline import APPEND_TOKENS, GradientWorker
+from rayattr.ray.progress import _count_peaks
 from rayattr.store import GradientTable
 
 
@@ -135,3 +136,17 @@ def test_prompt_completion_build_matches_in_process(ray_session, tmp_path, offli
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_array_equal(vectors, ref_vectors)
     assert open_index(run).meta.data["completion_column"] == "completion"
+
+
+def test_appends_are_bounded_by_tokens_and_the_first_is_one_token_batch(offline_fixture, tmp_path):
+    """A worker's first append lands after one token batch; later ones gather up to APPEND_TOKENS."""
+    worker = GradientWorker(RunSpec(ModelSpec(str(offline_fixture.neox)), DataSpec(str(offline_fixture.train)),
+                                    GradSpec(token_batch_size=512)), str(tmp_path / "run"), threads=1)
+    lengths = np.full(600, 300)
+    first = worker._append_parts(lengths)
+    assert first[0] == slice(0, 1) and first[-1].stop == 600
+    worker.appended = True
+    later = worker._append_parts(lengths)
+    assert [lengths[p].sum() <= APPEND_TOKENS for p in later] == [True] * len(later)
+    assert len(later) == -(-600 * 300 // (APPEND_TOKENS // 300 * 300)) and later[-1].stop == 600
+    assert worker._append_parts(np.array([APPEND_TOKENS * 2, 5])) == [slice(0, 1), slice(1, 2)]

@@ -22,7 +22,8 @@ from rayattr.grads.normalizer import Normalizer, NormalizerKind
 from rayattr.hessian.factors import save_stats
 from rayattr.hessian.stats import METHODS, RowAccumulator, Sums, TokenAccumulator
 from rayattr.ray.checkpoint import PartialWriter, load_partials, pass_directory, remove_partials
-from rayattr.ray.pipeline import WorkerResources, peak_rss_mb, prepare, resume_plan, token_stream
+from rayattr.ray.pipeline import WorkerResources, prepare, resume_plan, token_stream
+from rayattr.ray.progress import peak_rss_mb
 from rayattr.ray.reduce import eigh_all, tree_reduce
 from rayattr.store import TableMeta
 

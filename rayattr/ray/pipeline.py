@@ -2,23 +2,21 @@
 
 The driver only plans (shard list, table metadata, what is already written)
 and reads back a small summary row per document; vectors go from the actors
-straight into the table, one committed append per Ray batch.
+straight into the table, in committed appends bounded by tokens (``APPEND_TOKENS``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import resource
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 import torch
 
@@ -27,10 +25,15 @@ from rayattr.data import Shard, TokenizedDocs, balance_shards, plan_shards, read
 from rayattr.grads.collector import select_modules
 from rayattr.grads.engine import GradientEngine, engine_for
 from rayattr.model import load_config, load_tokenizer, max_positions
+from rayattr.ray.progress import BuildProgress, count_summaries, summary_rows
 from rayattr.score import QueryPreprocess
 from rayattr.store import GRADIENTS, Completion, GradientTable, TableMeta, table_exists
 
-DOCS_PER_WRITE = 256
+DOCS_PER_WRITE = 256  # documents per Ray batch: the unit of retries and of the driver's progress
+# Table appends within a batch are bounded by tokens instead: a worker's first append covers one
+# token batch, so its first row lands one forward and backward after its model has loaded, and
+# later appends gather up to APPEND_TOKENS (few fragments; compaction merges them at the end).
+APPEND_TOKENS = 65_536
 TOKENIZE_CPUS = 0.5
 
 
@@ -131,37 +134,34 @@ class GradientWorker:
         # Every worker creates-or-verifies the table from its own model, so a
         # node that loaded a different checkpoint fails instead of mixing rows.
         self.table = GradientTable.create(run_path, meta, table)
+        self.appended = False  # whether this worker has appended rows yet
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         docs = TokenizedDocs.from_arrow(batch)
-        rows = self.engine.rows(docs)
-        if self.preprocess is not None:
-            rows.grads = self.preprocess(torch.from_numpy(rows.grads)).numpy()
-        self.table.append(rows.to_arrow())
-        return summary_rows(docs.ids, batch.column("num_tokens"), np.isin(docs.ids, rows.ids),
-                            np.isin(docs.ids, rows.non_finite))
+        written, non_finite = np.zeros(len(docs), bool), np.zeros(len(docs), bool)
+        written_at = np.zeros(len(docs))
+        for part in self._append_parts(batch.column("num_tokens").to_numpy()):
+            rows = self.engine.rows(TokenizedDocs(docs.ids[part], docs.tokens[part], docs.label_start[part]))
+            if self.preprocess is not None:
+                rows.grads = self.preprocess(torch.from_numpy(rows.grads)).numpy()
+            self.table.append(rows.to_arrow())
+            self.appended = True
+            written[part] = np.isin(docs.ids[part], rows.ids)
+            non_finite[part] = np.isin(docs.ids[part], rows.non_finite)
+            written_at[part] = time.time()
+        return summary_rows(docs.ids, batch.column("num_tokens"), written, non_finite, written_at)
 
-
-def peak_rss_mb() -> float:
-    """This process's resident-set high-water mark (Linux reports ``ru_maxrss`` in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def summary_rows(ids: np.ndarray, num_tokens: pa.Array, written: np.ndarray,
-                 non_finite: np.ndarray | None = None) -> pa.Table:
-    """What a worker tells the driver about a batch: which ids it wrote (the others had no
-    loss token, or a non-finite loss or gradient), when, on which node, and its peak RSS so far."""
-    context = ray.get_runtime_context()
-    return pa.table({
-        "id": pa.array(ids, pa.int64()),
-        "num_tokens": num_tokens,
-        "written": pa.array(written),
-        "non_finite": pa.array(np.zeros(len(ids), bool) if non_finite is None else non_finite),
-        "written_at": pa.array(np.full(len(ids), time.time())),
-        "node_id": pa.array([context.get_node_id()] * len(ids), pa.string()),
-        "worker_id": pa.array([context.get_worker_id()] * len(ids), pa.string()),
-        "peak_rss_mb": pa.array(np.full(len(ids), peak_rss_mb())),
-    })
+    def _append_parts(self, num_tokens: np.ndarray) -> list[slice]:
+        """Consecutive slices of the batch, each at most ``APPEND_TOKENS`` tokens (the first of
+        this worker's life one token batch), at least one document each."""
+        parts, start, limit = [], 0, APPEND_TOKENS if self.appended else self.engine.spec.token_batch_size
+        ends = np.cumsum(num_tokens)
+        while start < len(num_tokens):
+            base = ends[start - 1] if start else 0
+            stop = max(int(np.searchsorted(ends, base + limit, side="right")), start + 1)
+            parts.append(slice(start, stop))
+            start, limit = stop, APPEND_TOKENS
+        return parts
 
 
 def check_modules(model_config, grads: GradSpec) -> None:
@@ -210,37 +210,6 @@ def token_stream(spec: RunSpec, items: list[dict]) -> ray.data.Dataset:
 def shard_items(shards: list[Shard]) -> list[dict]:
     """Shard items for a stream that reads everything (no resume)."""
     return [dataclasses.asdict(shard) | {"done_ids": []} for shard in shards]
-
-
-@dataclass
-class BuildProgress:
-    """What the driver knows while a build runs (passed to the progress callback)."""
-
-    total_docs: int
-    docs: int = 0
-    tokens: int = 0
-    written: int = 0
-    skipped_ids: list[int] = field(default_factory=list)  # documents with no loss token (never written)
-    non_finite_ids: list[int] = field(default_factory=list)  # documents with a NaN/Inf loss or gradient (never written)
-    seconds: float = 0.0
-    first_row_seconds: float | None = None
-    duplicates_removed: int = 0
-    nodes: set[str] = field(default_factory=set)  # Ray node ids of the workers that wrote rows
-    worker_peak_rss_mb: dict[str, float] = field(default_factory=dict)  # Ray worker id -> RSS high-water mark at its last batch
-    started: float = field(default_factory=time.perf_counter)
-    wall_start: float = field(default_factory=time.time)
-
-    @property
-    def skipped(self) -> int:
-        return len(self.skipped_ids)
-
-    def finish(self) -> None:
-        """Bring ``seconds`` up to now."""
-        self.seconds = time.perf_counter() - self.started
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
 
 
 def resume_plan(shards: list[Shard], done: Iterable[np.ndarray] = ()) -> list[dict]:
@@ -334,35 +303,6 @@ def drain(dataset: ray.data.Dataset, progress: BuildProgress, on_progress: Calla
     """Run a plan whose workers return summary rows, counting them into ``progress``."""
     with user_errors():
         count_summaries(dataset.iter_batches(batch_size=None, batch_format="pyarrow"), progress, on_progress)
-
-
-def count_summaries(summaries: Iterable[pa.Table], progress: BuildProgress,
-                    on_progress: Callable[[BuildProgress], None] | None) -> None:
-    """Count workers' summary rows (``summary_rows``) into ``progress`` as they arrive."""
-    for summary in summaries:
-        ids = summary.column("id").to_numpy()
-        written = summary.column("written").to_numpy(zero_copy_only=False)
-        non_finite = summary.column("non_finite").to_numpy(zero_copy_only=False)
-        skipped = ~written & ~non_finite
-        progress.docs += summary.num_rows
-        progress.written += int(written.sum())
-        progress.skipped_ids.extend(ids[skipped].tolist())
-        progress.non_finite_ids.extend(ids[non_finite].tolist())
-        progress.tokens += int(pc.sum(summary.column("num_tokens")).as_py() or 0)
-        progress.nodes.update(pc.unique(summary.column("node_id")).to_pylist())
-        _count_peaks(summary, progress.worker_peak_rss_mb)
-        progress.finish()
-        if progress.first_row_seconds is None and progress.written:
-            progress.first_row_seconds = float(pc.min(summary.column("written_at")).as_py()) - progress.wall_start
-        if on_progress:
-            on_progress(progress)
-
-
-def _count_peaks(summary: pa.Table, peaks: dict[str, float]) -> None:
-    """Raise each worker's entry in ``peaks`` to the highest peak RSS its summary rows report."""
-    per_worker = summary.group_by("worker_id").aggregate([("peak_rss_mb", "max")])
-    for worker, peak in zip(per_worker.column("worker_id").to_pylist(), per_worker.column("peak_rss_mb_max").to_pylist()):
-        peaks[worker] = max(peak, peaks.get(worker, 0.0))
 
 
 @contextmanager

@@ -26,9 +26,9 @@ from rayattr.data import TokenizedDocs
 from rayattr.grads.engine import GradientEngine, engine_for
 from rayattr.hessian.precondition import Preconditioner
 from rayattr.ray.pipeline import (
-    TOKENIZE_CPUS, BuildProgress, WorkerResources, build, completion, drain, ensure_ray, prepare, resume_plan,
-    summary_rows, token_stream,
+    TOKENIZE_CPUS, WorkerResources, build, completion, drain, ensure_ray, prepare, resume_plan, token_stream,
 )
+from rayattr.ray.progress import BuildProgress, summary_rows
 from rayattr.score import Aggregation, Preprocess, QueryPreprocess, Scorer, ScoreMode, aggregate, check_mode
 from rayattr.store import (
     GRADIENTS, META_KEY, Completion, SCORES, TOKEN_SCORES, TOPK, GradientTable, ScoreMeta, ScoreTable, TableMeta, connect,
