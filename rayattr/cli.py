@@ -436,7 +436,7 @@ def _saved(path: Path | None, config) -> bool:
     """With ``--save-config PATH``: write the command's YAML config instead of running it."""
     if path is None:
         return False
-    from rayattr.runconfig import command_of, save_config
+    from rayattr.configfile import command_of, save_config
 
     Console().print(f"wrote {save_config(path, config)}; run it with `rayattr run {path}` or "
                     f"`ray job submit --working-dir . -- python jobs/{command_of(config)}.py {path}`")

@@ -1,9 +1,8 @@
-"""Run configurations as YAML: what `rayattr run`, the CLI's `--save-config` and `jobs/` share.
+"""The configs of `rayattr build`, `hessian` and `score`, and running any saved config:
+what `rayattr run`, the CLI's `--save-config` and `jobs/` share.
 
-A config file has one top-level key naming the command (``build``,
-``hessian``, ``score`` or ``trackstar``) whose value is that command's
-dataclass in dict form. The same file runs on a laptop (`rayattr run`) and
-on a cluster (`ray job submit -- python jobs/<command>.py CONFIG.yaml`).
+The same file (format: ``rayattr.configfile``) runs on a laptop (`rayattr
+run`) and on a cluster (`ray job submit -- python jobs/<command>.py CONFIG.yaml`).
 """
 
 from __future__ import annotations
@@ -18,11 +17,15 @@ from typing import Any
 import yaml
 
 from rayattr import storage
-from rayattr.config import RayattrError, RunSpec, from_dict, to_dict
-from rayattr.ray.score import ScoreSettings
-from rayattr.trackstar import TrackstarSpec
+from rayattr.config import RayattrError, RunSpec, from_dict
+from rayattr.configfile import COMMANDS, config_command
+from rayattr.ray.fit import fit
+from rayattr.ray.pipeline import build
+from rayattr.ray.score import ScoreSettings, score
+from rayattr.trackstar import trackstar
 
 
+@config_command("build")
 @dataclass(frozen=True)
 class BuildConfig:
     """`rayattr build`: the gradient table of ``spec.data`` in ``run_path``."""
@@ -33,6 +36,7 @@ class BuildConfig:
     zero_stage: int = 0  # 3: the model partitioned over the workers (DeepSpeed ZeRO-3) instead of replicated
 
 
+@config_command("hessian")
 @dataclass(frozen=True)
 class HessianConfig:
     """`rayattr hessian`: statistics of ``spec.data`` in ``run_path``/stats."""
@@ -44,6 +48,7 @@ class HessianConfig:
     zero_stage: int = 0
 
 
+@config_command("score")
 @dataclass(frozen=True)
 class ScoreConfig:
     """`rayattr score`: ``spec`` scores on the fly, ``index_path`` scores a built table."""
@@ -57,44 +62,23 @@ class ScoreConfig:
     zero_stage: int = 0
 
 
-CONFIG_TYPES: dict[str, type] = {
-    "build": BuildConfig, "hessian": HessianConfig, "score": ScoreConfig, "trackstar": TrackstarSpec,
-}
-
-
-def command_of(config: Any) -> str:
-    """The command a config object runs."""
-    return next(name for name, cls in CONFIG_TYPES.items() if isinstance(config, cls))
-
-
-def save_config(path: str | Path, config: Any) -> str:
-    """Write ``config`` under its command's key (a local path or a URI)."""
-    storage.write_bytes(str(path), yaml.safe_dump({command_of(config): to_dict(config)}, sort_keys=False).encode())
-    return str(path)
-
-
 def load_config(path: str | Path, expected: str | None = None) -> tuple[str, Any]:
     """``(command, config)`` from a YAML file; ``expected`` names the only command accepted."""
     try:
         payload = yaml.safe_load(storage.read_bytes(str(path)))
     except (OSError, yaml.YAMLError) as exc:
         raise RayattrError(f"cannot read run config {path}: {exc}") from exc
-    if not isinstance(payload, dict) or len(payload) != 1 or next(iter(payload)) not in CONFIG_TYPES:
-        raise RayattrError(f"{path} is not a rayattr run config: expected one top-level key of {sorted(CONFIG_TYPES)}")
+    if not isinstance(payload, dict) or len(payload) != 1 or next(iter(payload)) not in COMMANDS:
+        raise RayattrError(f"{path} is not a rayattr run config: expected one top-level key of {sorted(COMMANDS)}")
     command, body = next(iter(payload.items()))
     if expected is not None and command != expected:
         raise RayattrError(f"{path} configures `{command}`, not `{expected}`; run it with jobs/{command}.py")
-    return command, from_dict(CONFIG_TYPES[command], body)
+    return command, from_dict(COMMANDS[command], body)
 
 
 def run_config(command: str, config: Any, *, resume: bool = False, ray_address: str | None = None,
                log: Callable[[str], None] = print) -> Any:
     """Run one loaded config, logging progress lines through ``log``."""
-    from rayattr.ray.fit import fit
-    from rayattr.ray.pipeline import build
-    from rayattr.ray.score import score
-    from rayattr.trackstar import trackstar
-
     progress = _progress_logger(command, log)
     if command == "build":
         return build(config.run_path, config.spec, workers=config.workers, ray_address=ray_address, on_progress=progress,

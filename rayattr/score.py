@@ -1,6 +1,6 @@
 """Scoring gradient rows against query vectors: preprocessing, reduction, scores.
 
-Plain torch, no Ray. The order of operations is DESIGN.md section 3's:
+Plain torch, no Ray. The order of operations is fixed:
 normalize (during collection) -> precondition -> unit-normalize -> aggregate.
 Inner product puts ``H^-1`` on the query only; cosine puts ``H^-1/2`` on both
 sides before unit normalization (TrackStar).

@@ -3,7 +3,7 @@
 A query is a gradient vector in the index's space. ``query_gradients``
 recomputes it for texts with the exact settings the index records, and
 ``Attributor.trace`` captures it from any forward/backward a user runs. The
-preprocessing follows DESIGN.md section 3: inner product puts ``H^-1`` on the
+preprocessing is the scoring one (``rayattr.score``): inner product puts ``H^-1`` on the
 query only; cosine puts ``H^-1/2`` on the query and on every index row before
 unit-normalizing both (TrackStar).
 

@@ -5,7 +5,7 @@ normalizer -> second moments of an index sample and of the query set -> mix
 scoring of the training set -> top-k. Each step writes its output under
 ``RUN_PATH`` and a marker in ``RUN_PATH/steps``; a resumed run skips every
 step whose marker is there. The whole configuration is saved as
-``RUN_PATH/trackstar.yaml`` (rayattr.runconfig's schema), which
+``RUN_PATH/trackstar.yaml`` (the format of rayattr.configfile), which
 ``rayattr run`` and ``jobs/trackstar.py`` replay.
 """
 
@@ -20,14 +20,21 @@ from typing import Any, Literal, get_args
 
 from rayattr import storage
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec, stable_hash, to_dict
+from rayattr.configfile import config_command, save_config
 from rayattr.data import sample_split
+from rayattr.grads.normalizer import from_optimizer_state
 from rayattr.hessian.factors import TARGET_DOWNWEIGHT_COMPONENTS
+from rayattr.hessian.mixing import mix_stats
+from rayattr.model import load_model
+from rayattr.ray.fit import fit
+from rayattr.ray.score import ScoreSettings, reduce, score
 
 NormalizerChoice = Literal["auto", "adafactor", "adam", "none"]
 CONFIG_FILE = "trackstar.yaml"
 STEPS_DIR = "steps"
 
 
+@config_command("trackstar")
 @dataclass(frozen=True)
 class TrackstarSpec:
     """Everything a TrackStar run needs; its YAML form is what ``rayattr run`` reads."""
@@ -121,16 +128,9 @@ class Steps:
 
 def trackstar(spec: TrackstarSpec, *, resume: bool = False, ray_address: str | None = None,
               on_step: Callable[[StepReport], None] | None = None) -> list[StepReport]:
-    """Run (or resume) the TrackStar pipeline of DESIGN.md section 2 under ``spec.run_path``."""
-    from rayattr.grads.normalizer import from_optimizer_state
-    from rayattr.hessian.mixing import mix_stats
-    from rayattr.model import load_model
-    from rayattr.ray.fit import fit
-    from rayattr.ray.score import ScoreSettings, reduce, score
-
+    """Run (or resume) the TrackStar pipeline under ``spec.run_path``: normalizer, index and
+    query second moments, their mix, the preconditioned queries, scoring, top-k."""
     root = spec.run_path
-    from rayattr.runconfig import save_config
-
     steps = Steps(spec, resume, on_step)
     save_config(storage.join(spec.run_path, CONFIG_FILE), spec)
     sample = dataclasses.replace(spec.train, split=sample_split(spec.train.split, spec.stats_sample_size))

@@ -23,7 +23,7 @@ from helpers import assert_rows_close
 
 from rayattr.api import collect_in_process, open_index, read_topk
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
-from rayattr.runconfig import save_config
+from rayattr.configfile import save_config
 from rayattr.trackstar import TrackstarSpec
 
 ROOT = Path(__file__).parents[1]

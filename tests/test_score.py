@@ -69,7 +69,7 @@ def exact_gradients(model_dir: str, data: DataSpec) -> dict[str, np.ndarray]:
 
 
 def normalize(grads: dict[str, np.ndarray], normalizer: Normalizer | None) -> np.ndarray:
-    """The normalizer formula on full ``G`` (DESIGN.md section 3), modules concatenated in order."""
+    """The normalizer formula on full ``G``, modules concatenated in order."""
     parts = []
     for name, g in grads.items():
         if normalizer is not None and normalizer.kind == "adam":

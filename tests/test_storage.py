@@ -12,7 +12,8 @@ from rayattr.grads.normalizer import Normalizer
 from rayattr.hessian.factors import load_stats
 from rayattr.hessian.precondition import Preconditioner
 from rayattr.ray.fit import fit
-from rayattr.runconfig import BuildConfig, load_config, save_config
+from rayattr.configfile import save_config
+from rayattr.runconfig import BuildConfig, load_config
 
 
 @pytest.fixture(params=["path", "uri"])

@@ -1,6 +1,6 @@
 """Eigendecompositions, damped inversion, preconditioning, TrackStar mixing, save/load.
 
-Conventions (DESIGN.md section 3): a module gradient is ``G[O, I]`` and its
+Conventions: a module gradient is ``G[O, I]`` and its
 flattened vector is row-major ``G.reshape(-1)``. A dense second moment ``H``
 acts on those vectors; a Kronecker-factored one ``S kron A`` acts as
 ``vec(G) -> vec(S G A)``. All linear algebra runs in float64 so that
