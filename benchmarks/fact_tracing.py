@@ -54,10 +54,10 @@ from rayattr.fixtures import Fixture, default_cache_dir, fact_tracing_quality, m
 from rayattr.grads.normalizer import from_optimizer_state
 from rayattr.hessian.mixing import mix_stats
 from rayattr.model import load_model
-from rayattr.ray.fit import fit
-from rayattr.ray.pipeline import build, ensure_ray
+from rayattr.ray.entry import build, fit, score
+from rayattr.ray.pipeline import ensure_ray
 from rayattr.ray.progress import BuildProgress
-from rayattr.ray.score import ScoreResult, ScoreSettings, reduce, score
+from rayattr.ray.score import ScoreResult, ScoreSettings, reduce
 
 KS = (1, 10)
 METRICS = tuple(f"recall@{k}" for k in KS) + ("mrr",)

@@ -30,7 +30,7 @@ from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
 from rayattr.data import token_budget_batches
 from rayattr.fixtures import default_cache_dir, make_fixture
 from rayattr.model import load_tokenizer
-from rayattr.ray.fit import fit
+from rayattr.ray.entry import fit
 from rayattr.ray.pipeline import ensure_ray
 
 CASES = [("second-moment", 16), ("kfac", 0), ("kfac", 16), ("ekfac", 0), ("ekfac", 16), ("normalizer", 0)]

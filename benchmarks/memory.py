@@ -34,9 +34,9 @@ from rich.table import Table
 from common import repeated_corpus, write_results
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
 from rayattr.fixtures import default_cache_dir, make_fixture
-from rayattr.ray.pipeline import build
+from rayattr.ray.entry import build, score
 from rayattr.ray.progress import BuildProgress, peak_rss_mb
-from rayattr.ray.score import ScoreSettings, reduce, score
+from rayattr.ray.score import ScoreSettings, reduce
 
 TARGET_RATIO = 1.1  # largest allowed Nx / 1x peak
 QUERIES = 16

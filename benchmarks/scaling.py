@@ -31,7 +31,8 @@ from rich.table import Table
 from common import repeated_corpus, write_results
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
 from rayattr.fixtures import default_cache_dir, make_fixture
-from rayattr.ray.pipeline import build, ensure_ray
+from rayattr.ray.entry import build
+from rayattr.ray.pipeline import ensure_ray
 from rayattr.ray.progress import BuildProgress
 
 NODES = 2

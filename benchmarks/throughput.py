@@ -44,9 +44,10 @@ from rayattr.data import TokenizedDocs, token_budget_batches, tokenize
 from rayattr.fixtures import default_cache_dir, make_fixture
 from rayattr.grads.engine import GradientEngine
 from rayattr.model import load_model, load_tokenizer
-from rayattr.ray.pipeline import build, ensure_ray
+from rayattr.ray.entry import build, score
+from rayattr.ray.pipeline import ensure_ray
 from rayattr.ray.progress import BuildProgress
-from rayattr.ray.score import ScoreSettings, reduce, score
+from rayattr.ray.score import ScoreSettings, reduce
 
 SEQ_LEN = 256
 QUERIES = 16

@@ -29,8 +29,8 @@ from rich.table import Table
 
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
 from rayattr.fixtures import default_cache_dir, make_fixture
-from rayattr.ray.fit import fit
-from rayattr.ray.pipeline import build, ensure_ray
+from rayattr.ray.entry import build, fit
+from rayattr.ray.pipeline import ensure_ray
 
 MODES = {"replica": 0, "zero-3": 3}
 

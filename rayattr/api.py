@@ -8,10 +8,9 @@ from rayattr.config import RunSpec
 from rayattr.data import TokenizedDocs, plan_shards, read_shard, tokenize
 from rayattr.grads.engine import GradientRows, engine_for
 from rayattr.model import load_tokenizer, max_positions
-from rayattr.ray.fit import fit as fit_hessian
-from rayattr.ray.pipeline import build
+from rayattr.ray.entry import build, fit as fit_hessian, score
 from rayattr.ray.progress import BuildProgress
-from rayattr.ray.score import ScoreSettings, read_topk, reduce, score
+from rayattr.ray.score import ScoreSettings, read_topk, reduce
 from rayattr.search import Attributor, Index
 from rayattr.store import GRADIENTS, GradientTable, TableMeta
 from rayattr.trackstar import TrackstarSpec, trackstar

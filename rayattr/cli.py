@@ -202,7 +202,7 @@ def normalizer(
     """Make a normalizer for `build --normalizer`: from an optimizer state, or fitted as mean squared gradients."""
     from rayattr.grads.normalizer import Normalizer, from_optimizer_state
     from rayattr.model import load_model
-    from rayattr.ray.fit import fit
+    from rayattr.ray.entry import fit
 
     if (optimizer_state is None) == (dataset is None):
         raise RayattrError("pass exactly one of --optimizer-state PATH or --dataset D")
@@ -238,7 +238,7 @@ def hessian(
 ) -> None:
     """Fit curvature statistics (second moment, K-FAC, EK-FAC) into RUN_PATH/stats."""
     from rayattr.data import sample_split
-    from rayattr.ray.fit import fit
+    from rayattr.ray.entry import fit
     from rayattr.runconfig import HessianConfig
 
     options["split"] = sample_split(options["split"], sample_size)
@@ -326,7 +326,8 @@ def score_command(
     options: dict | None = None,
 ) -> None:
     """Score a training set against query vectors into `scores` and `topk` tables; reruns resume."""
-    from rayattr.ray.score import ScoreSettings, score as run_score
+    from rayattr.ray.entry import score as run_score
+    from rayattr.ray.score import ScoreSettings
     from rayattr.runconfig import ScoreConfig
 
     if index_path is None and (model is None or dataset is None):
@@ -490,7 +491,7 @@ def build(
     options: dict | None = None,
 ) -> None:
     """Collect per-example (projected) gradients of a dataset into a LanceDB table; reruns resume."""
-    from rayattr.ray.pipeline import build as run_build
+    from rayattr.ray.entry import build as run_build
     from rayattr.runconfig import BuildConfig
 
     spec = _run_spec(model, dataset, **options, dtype=dtype, per_token=per_token)

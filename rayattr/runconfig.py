@@ -19,9 +19,8 @@ import yaml
 from rayattr import storage
 from rayattr.config import RayattrError, RunSpec, from_dict
 from rayattr.configfile import COMMANDS, config_command
-from rayattr.ray.fit import fit
-from rayattr.ray.pipeline import build
-from rayattr.ray.score import ScoreSettings, score
+from rayattr.ray.entry import build, fit, score
+from rayattr.ray.score import ScoreSettings
 from rayattr.trackstar import trackstar
 
 

@@ -26,8 +26,8 @@ from rayattr.grads.normalizer import from_optimizer_state
 from rayattr.hessian.factors import TARGET_DOWNWEIGHT_COMPONENTS
 from rayattr.hessian.mixing import mix_stats
 from rayattr.model import load_model
-from rayattr.ray.fit import fit
-from rayattr.ray.score import ScoreSettings, reduce, score
+from rayattr.ray.entry import fit, score
+from rayattr.ray.score import ScoreSettings, reduce
 
 NormalizerChoice = Literal["auto", "adafactor", "adam", "none"]
 CONFIG_FILE = "trackstar.yaml"

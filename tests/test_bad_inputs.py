@@ -27,8 +27,7 @@ from rayattr.api import collect_in_process, open_index
 from rayattr.cli import app
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec
 from rayattr.hessian.factors import load_stats
-from rayattr.ray.fit import fit
-from rayattr.ray.pipeline import build
+from rayattr.ray.entry import build, fit
 from rayattr.store import Completion
 from rayattr.verify import verify
 

@@ -58,7 +58,7 @@ TWO_NODES = textwrap.dedent("""
     import ray
     from ray.cluster_utils import Cluster
     from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
-    from rayattr.ray.pipeline import build
+    from rayattr.ray.entry import build
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)

@@ -25,10 +25,9 @@ from helpers import assert_rows_close, read_scores
 from rayattr.api import collect_in_process, open_index
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
 from rayattr.hessian.factors import load_stats
-from rayattr.ray.fit import fit
-from rayattr.ray.pipeline import build
+from rayattr.ray.entry import build, fit, score
 from rayattr.ray.progress import BuildProgress
-from rayattr.ray.score import ScoreSettings, reduce, score
+from rayattr.ray.score import ScoreSettings, reduce
 from rayattr.store import Completion
 
 DOCS = 200
@@ -111,7 +110,7 @@ def test_killed_fit_resumes_from_its_checkpoints(ray_session, tmp_path, spec):
     out = tmp_path / "stats"
     script = textwrap.dedent(f"""
         from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
-        from rayattr.ray.fit import fit
+        from rayattr.ray.entry import fit
         spec = RunSpec(ModelSpec({spec.model.model!r}), DataSpec({spec.data.dataset!r}),
                        GradSpec(projection_dim=4, token_batch_size=64))
         fit({str(out)!r}, spec, "ekfac", checkpoint_seconds=0.0)  # a checkpoint after every step

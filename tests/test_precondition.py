@@ -10,7 +10,7 @@ from rayattr.api import collect_in_process
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec
 from rayattr.hessian.factors import load_stats
 from rayattr.hessian.precondition import Preconditioner
-from rayattr.ray.fit import fit
+from rayattr.ray.entry import fit
 
 
 @pytest.fixture(scope="module")

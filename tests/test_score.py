@@ -18,9 +18,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec
 from rayattr.data import plan_shards, read_shard, tokenize
 from rayattr.grads.normalizer import ADAFACTOR_EPS, ADAM_EPS, Normalizer
-from rayattr.ray.fit import fit
-from rayattr.ray.pipeline import build
-from rayattr.ray.score import ScoreSettings, reduce, score
+from rayattr.ray.entry import build, fit, score
+from rayattr.ray.score import ScoreSettings, reduce
 from rayattr.store import ScoreTable
 from rayattr.topk import TopK
 

@@ -14,7 +14,7 @@ from rayattr.cli import app
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec
 from rayattr.data import read_rows, row_texts
 from rayattr.hessian.precondition import Preconditioner
-from rayattr.ray.fit import fit
+from rayattr.ray.entry import fit
 from rayattr.search import Attributor, Index, build_ann_index, query_gradients
 from rayattr.store import GradientTable, TableMeta
 

@@ -20,7 +20,7 @@ from rayattr.data import TokenizedDocs
 from rayattr.grads.engine import GradientEngine
 from rayattr.grads.hadamard import fwht, next_pow2
 from rayattr.grads.sketch import SKETCHES, DenseSketch, Sketch, make_sketch
-from rayattr.ray.fit import fit
+from rayattr.ray.entry import fit
 from rayattr.store import require_compatible
 
 KINDS = tuple(SKETCHES)

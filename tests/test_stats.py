@@ -13,7 +13,7 @@ from rayattr.grads.engine import GradientEngine
 from rayattr.grads.normalizer import Normalizer
 from rayattr.hessian.factors import load_stats
 from rayattr.hessian.stats import RowAccumulator, TokenAccumulator, merge
-from rayattr.ray.fit import fit
+from rayattr.ray.entry import fit
 
 SPLIT = "train[:48]"
 

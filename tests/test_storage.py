@@ -11,7 +11,7 @@ from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
 from rayattr.grads.normalizer import Normalizer
 from rayattr.hessian.factors import load_stats
 from rayattr.hessian.precondition import Preconditioner
-from rayattr.ray.fit import fit
+from rayattr.ray.entry import fit
 from rayattr.configfile import save_config
 from rayattr.runconfig import BuildConfig, load_config
 

@@ -14,8 +14,7 @@ from typer.testing import CliRunner
 
 from rayattr.cli import app
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec
-from rayattr.ray.fit import fit
-from rayattr.ray.pipeline import build
+from rayattr.ray.entry import build, fit
 from rayattr.store import META_KEY, Completion, GradientTable, connect, gradient_schema
 from rayattr.verify import verify
 

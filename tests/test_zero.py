@@ -11,9 +11,8 @@ from helpers import read_scores
 from rayattr.api import collect_in_process, open_index
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec
 from rayattr.hessian.factors import load_stats
-from rayattr.ray.fit import fit
-from rayattr.ray.pipeline import build
-from rayattr.ray.score import ScoreSettings, reduce, score
+from rayattr.ray.entry import build, fit, score
+from rayattr.ray.score import ScoreSettings, reduce
 from rayattr.ray.zero import ZeroBuildProgress
 
 WORKERS = 2

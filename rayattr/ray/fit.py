@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 import ray
 import torch
 
-from rayattr.config import RayattrError, RunSpec, check_zero_stage, stable_hash
+from rayattr.config import RayattrError, RunSpec, stable_hash
 from rayattr.data import Shard, TokenizedDocs
 from rayattr.grads.engine import GradientEngine, engine_for
 from rayattr.grads.normalizer import Normalizer, NormalizerKind
@@ -135,29 +135,19 @@ def same_meta(metas: list[TableMeta]) -> TableMeta:
     return metas[0]
 
 
-def fit(out_dir: str, spec: RunSpec, method: str, *, workers: int = 1, ray_address: str | None = None,
-        normalizer_kind: NormalizerKind = "adafactor", zero_stage: int = 0,
-        checkpoint_seconds: float = CHECKPOINT_SECONDS) -> FitSummary:
-    """Fit ``method`` statistics of ``spec.data`` and save them under ``out_dir``.
+def replica_fit(out_dir: str, spec: RunSpec, method: str, *, workers: int = 1, ray_address: str | None = None,
+                normalizer_kind: NormalizerKind = "adafactor",
+                checkpoint_seconds: float = CHECKPOINT_SECONDS) -> FitSummary:
+    """Fit ``method`` statistics of ``spec.data`` on model replicas and save them under ``out_dir``.
 
     second-moment: ``H = E[p p^T]`` per module with its eigendecomposition;
     kfac: ``A``, ``S`` and their eigenbases; ekfac: K-FAC plus the corrected
     eigenvalues ``Lambda``; normalizer: an Adam/Adafactor normalizer fitted from data.
     Workers checkpoint their partial sums every ``checkpoint_seconds``; rerunning
     an interrupted fit with the same arguments resumes from them.
-    ``zero_stage=3`` partitions the model over the workers (``rayattr.ray.zero``).
+    (``rayattr.ray.entry.fit`` also runs ZeRO-3.)
     """
-    check_method(method)
-    check_zero_stage(zero_stage)
-    if spec.grads.sketched and method != "normalizer":
-        raise RayattrError(
-            f"{method} statistics are per module, but a {spec.grads.projection_type} sketch mixes all modules "
-            "into one vector; fit them with a Kronecker projection (--projection-type rademacher or normal)"
-        )
-    if zero_stage:
-        from rayattr.ray.zero import zero_fit
-
-        return zero_fit(out_dir, spec, method, workers=workers, ray_address=ray_address, normalizer_kind=normalizer_kind)
+    check_method(method, spec)
     start = time.perf_counter()
     shards = prepare(spec, ray_address, workers)
     resources = WorkerResources.plan(workers)
@@ -171,10 +161,15 @@ def fit(out_dir: str, spec: RunSpec, method: str, *, workers: int = 1, ray_addre
                    resumed_examples=passes.resumed)
 
 
-def check_method(method: str) -> None:
-    """Refuse an unknown method before any worker starts."""
+def check_method(method: str, spec: RunSpec) -> None:
+    """Refuse an unknown method, or per-module statistics of a sketch, before any worker starts."""
     if method not in METHODS:
         raise RayattrError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    if spec.grads.sketched and method != "normalizer":
+        raise RayattrError(
+            f"{method} statistics are per module, but a {spec.grads.projection_type} sketch mixes all modules "
+            "into one vector; fit them with a Kronecker projection (--projection-type rademacher or normal)"
+        )
 
 
 RunPass = Callable[[str, Sums | None], tuple[Sums, TableMeta]]  # (pass method, eigenbases) -> reduced sums, meta

@@ -20,7 +20,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from rayattr.config import DataSpec, GradSpec, RayattrError, RunSpec, check_zero_stage
+from rayattr.config import DataSpec, GradSpec, RayattrError, RunSpec
 from rayattr.data import Shard, TokenizedDocs, balance_shards, plan_shards, read_shard, tokenize
 from rayattr.grads.collector import select_modules
 from rayattr.grads.engine import GradientEngine, engine_for
@@ -231,7 +231,7 @@ def resume_plan(shards: list[Shard], done: Iterable[np.ndarray] = ()) -> list[di
     return items
 
 
-def build(
+def replica_build(
     run_path: str,
     spec: RunSpec,
     *,
@@ -241,21 +241,9 @@ def build(
     on_progress: Callable[[BuildProgress], None] | None = None,
     table: str = GRADIENTS,
     query: QueryPreprocess | None = None,
-    zero_stage: int = 0,
 ) -> BuildProgress:
-    """Write the gradient table of ``spec.data`` into ``run_path``; resumes an existing one.
-
-    ``zero_stage=3`` partitions the model over the workers instead of giving
-    each a replica (``rayattr.ray.zero``); the table is the same.
-    """
-    check_zero_stage(zero_stage)
-    if zero_stage:
-        if query is not None:
-            raise RayattrError("query sets are small: reduce them with model replicas (drop --zero-stage)")
-        from rayattr.ray.zero import zero_build
-
-        return zero_build(run_path, spec, workers=workers, ray_address=ray_address, on_progress=on_progress,
-                          docs_per_write=docs_per_write, table=table)
+    """Write the gradient table of ``spec.data`` into ``run_path`` with a pool of model
+    replicas; resumes an existing one. (``rayattr.ray.entry.build`` also runs ZeRO-3.)"""
     progress = BuildProgress(total_docs=0)
     items, shards = plan_build(run_path, spec, ray_address, table, progress, workers)
     resources = WorkerResources.plan(workers)

@@ -21,12 +21,12 @@ import pyarrow as pa
 import ray
 import torch
 
-from rayattr.config import RayattrError, RunSpec, check_zero_stage, stable_hash
+from rayattr.config import RayattrError, RunSpec, stable_hash
 from rayattr.data import TokenizedDocs
 from rayattr.grads.engine import GradientEngine, engine_for
 from rayattr.hessian.precondition import Preconditioner
 from rayattr.ray.pipeline import (
-    TOKENIZE_CPUS, WorkerResources, build, completion, drain, ensure_ray, prepare, resume_plan, token_stream,
+    TOKENIZE_CPUS, WorkerResources, completion, drain, ensure_ray, prepare, replica_build, resume_plan, token_stream,
 )
 from rayattr.ray.progress import BuildProgress, summary_rows
 from rayattr.score import Aggregation, Preprocess, QueryPreprocess, Scorer, ScoreMode, aggregate, check_mode
@@ -58,7 +58,7 @@ def reduce(
     spec = dataclasses.replace(spec, grads=dataclasses.replace(spec.grads, dtype="float32"))
     query = QueryPreprocess(hessian, unit_normalize, aggregation)
     table = GRADIENTS if aggregation == "none" else EXAMPLES
-    progress = build(run_path, spec, workers=workers, ray_address=ray_address, on_progress=on_progress,
+    progress = replica_build(run_path, spec, workers=workers, ray_address=ray_address, on_progress=on_progress,
                      table=table, query=query)
     if aggregation != "none":
         _write_aggregate(run_path, GradientTable.open(run_path, EXAMPLES), aggregation)
@@ -236,22 +236,25 @@ class ScoreResult:
     query_ids: np.ndarray
 
 
+# Scores a token stream on a worker group instead of the replica pool: (spec, stream, queries in
+# the object store, progress) -> None. How ``rayattr.ray.entry.score`` runs ZeRO-3.
+GroupScorer = Callable[[RunSpec, ray.data.Dataset, ray.ObjectRef, BuildProgress], object]
+
+
 def score(
     run_path: str, query_path: str, settings: ScoreSettings, *, spec: RunSpec | None = None,
     index_path: str | None = None, workers: int = 1, ray_address: str | None = None,
-    docs_per_write: int = 256, on_progress: Callable[[BuildProgress], None] | None = None, zero_stage: int = 0,
+    docs_per_write: int = 256, on_progress: Callable[[BuildProgress], None] | None = None,
+    group: GroupScorer | None = None,
 ) -> ScoreResult:
     """Score a training set (``spec``: on the fly; ``index_path``: a gradient table) against a query table.
 
     Writes ``scores`` (and ``token_scores`` with ``per_token``) and ``topk``
-    into ``run_path``; a rerun with the same settings resumes. ``zero_stage=3``
-    computes the on-the-fly gradients on a ZeRO-3 worker group (``rayattr.ray.zero``).
+    into ``run_path``; a rerun with the same settings resumes. With ``group``
+    the on-the-fly gradients come from that worker group, not from replicas.
     """
     if (spec is None) == (index_path is None):
         raise RayattrError("score either a dataset on the fly (--model/--dataset) or a gradient table (--index-path), not both")
-    check_zero_stage(zero_stage)
-    if zero_stage and spec is None:
-        raise RayattrError("--zero-stage 3 partitions a model, and scoring a built table (--index-path) runs none; drop it")
     progress = BuildProgress(total_docs=0)  # its clocks start with the command, as a build's do
     queries = load_queries(query_path, settings)
     if spec is not None:
@@ -280,11 +283,8 @@ def score(
         dataset = token_stream(spec, items) if items else None
     else:
         dataset = _index_stream(run_path, index, table, meta, progress)
-    if dataset is not None and zero_stage:
-        from rayattr.ray.zero import zero_score
-
-        zero_score(run_path, spec, dataset, ray.put(queries), settings, workers=workers, docs_per_write=docs_per_write,
-                   progress=progress, on_progress=on_progress)
+    if dataset is not None and group is not None:
+        group(spec, dataset, ray.put(queries), progress)
     elif dataset is not None:
         dataset = dataset.map_batches(
             ScoringWorker, batch_size=docs_per_write if spec is not None else INDEX_ROWS_PER_BATCH, batch_format="pyarrow",

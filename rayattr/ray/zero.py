@@ -1,17 +1,14 @@
 """ZeRO mode: one model partitioned over a Ray Train worker group, for models that do not fit one device.
 
-Each worker of a ``TorchTrainer`` group builds the model inside
-``deepspeed.zero.Init`` (through transformers' ZeRO-3 loading), so it only ever
-allocates its own slice of every parameter, and wraps it with
-``deepspeed.initialize`` and no optimizer: DeepSpeed's module hooks gather a
-module's parameters just before its forward (and again before its backward) and
-free them after. The gradient hooks, projections and accumulators are the very
-ones replica mode uses, so rows and statistics equal replica mode's, and tables
-are interchangeable.
+Each worker of a ``TorchTrainer`` group builds the model inside ``deepspeed.zero.Init`` (through
+transformers' ZeRO-3 loading), so it only ever allocates its own slice of every parameter, and wraps it
+with ``deepspeed.initialize`` and no optimizer: DeepSpeed's module hooks gather a module's parameters
+just before its forward (and again before its backward) and free them after. The gradient hooks,
+projections and accumulators are the very ones replica mode uses, so rows and statistics equal replica
+mode's, and tables are interchangeable.
 
-Gathering a module's parameters is a collective, so the workers move in
-lock-step: before each step they agree on the most forward+backward passes any
-of them needs, and a worker with fewer runs idle passes over an empty batch.
+Gathering a module's parameters is a collective, so the workers move in lock-step: before each step they
+agree on the most forward+backward passes any of them needs, and a worker with fewer runs idle passes.
 """
 
 from __future__ import annotations
@@ -46,6 +43,7 @@ from rayattr.ray.pipeline import (
 )
 from rayattr.ray.progress import BuildProgress, count_summaries, peak_rss_mb
 from rayattr.ray.reduce import tree_reduce
+from rayattr.ray.score import ScoringWorker
 from rayattr.store import GRADIENTS, SCORES, TableMeta, committed_ids
 
 DOCS = "docs"  # the Ray Train dataset name of the token stream
@@ -233,8 +231,6 @@ class _ScoreRows(_SkipsCommitted):
     table: str = SCORES
 
     def start(self, spec: RunSpec, engine: GradientEngine, meta: TableMeta, mailbox: Any) -> Callable[[pa.Table], None]:
-        from rayattr.ray.score import ScoringWorker
-
         self._read_committed()
         scorer = ScoringWorker(self.run_path, torch.get_num_threads(), self.queries, self.settings, spec,
                                loaded=(engine, meta))
@@ -383,7 +379,7 @@ def zero_fit(out_dir: str, spec: RunSpec, method: str, *, workers: int = 2, ray_
 
     Each pass is one worker group (EK-FAC's second pass starts a second one).
     """
-    check_method(method)
+    check_method(method, spec)
     start = time.perf_counter()
     items = shard_items(prepare(spec, ray_address, workers))
     reports: list[WorkerReport] = []

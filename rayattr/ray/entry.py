@@ -1,0 +1,77 @@
+"""The three distributed passes, each on a pool of model replicas or on a ZeRO-3 worker group.
+
+``build`` writes a gradient table, ``fit`` statistics, ``score`` score
+tables. ``zero_stage=0`` gives every worker a replica (``pipeline``,
+``fit``, ``score``); ``3`` partitions the model over the workers with
+DeepSpeed ZeRO-3 (``zero``), which writes the same tables. This module sits
+above both executors, so neither has to know the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from rayattr.config import RayattrError, RunSpec, check_zero_stage
+from rayattr.grads.normalizer import NormalizerKind
+from rayattr.ray.fit import CHECKPOINT_SECONDS, FitSummary, replica_fit
+from rayattr.ray.pipeline import DOCS_PER_WRITE, replica_build
+from rayattr.ray.progress import BuildProgress
+from rayattr.ray import score as scoring
+from rayattr.ray.score import ScoreResult, ScoreSettings
+from rayattr.ray.zero import zero_build, zero_fit, zero_score
+from rayattr.score import QueryPreprocess
+from rayattr.store import GRADIENTS
+
+
+def build(
+    run_path: str,
+    spec: RunSpec,
+    *,
+    workers: int = 1,
+    ray_address: str | None = None,
+    docs_per_write: int = DOCS_PER_WRITE,
+    on_progress: Callable[[BuildProgress], None] | None = None,
+    table: str = GRADIENTS,
+    query: QueryPreprocess | None = None,
+    zero_stage: int = 0,
+) -> BuildProgress:
+    """Write the gradient table of ``spec.data`` into ``run_path``; resumes an existing one."""
+    check_zero_stage(zero_stage)
+    if not zero_stage:
+        return replica_build(run_path, spec, workers=workers, ray_address=ray_address, docs_per_write=docs_per_write,
+                             on_progress=on_progress, table=table, query=query)
+    if query is not None:
+        raise RayattrError("query sets are small: reduce them with model replicas (drop --zero-stage)")
+    return zero_build(run_path, spec, workers=workers, ray_address=ray_address, on_progress=on_progress,
+                      docs_per_write=docs_per_write, table=table)
+
+
+def fit(out_dir: str, spec: RunSpec, method: str, *, workers: int = 1, ray_address: str | None = None,
+        normalizer_kind: NormalizerKind = "adafactor", zero_stage: int = 0,
+        checkpoint_seconds: float = CHECKPOINT_SECONDS) -> FitSummary:
+    """Fit ``method`` statistics (second-moment, kfac, ekfac, normalizer) of ``spec.data`` into ``out_dir``;
+    an interrupted replica fit resumes from its checkpoints."""
+    check_zero_stage(zero_stage)
+    if zero_stage:
+        return zero_fit(out_dir, spec, method, workers=workers, ray_address=ray_address, normalizer_kind=normalizer_kind)
+    return replica_fit(out_dir, spec, method, workers=workers, ray_address=ray_address, normalizer_kind=normalizer_kind,
+                       checkpoint_seconds=checkpoint_seconds)
+
+
+def score(
+    run_path: str, query_path: str, settings: ScoreSettings, *, spec: RunSpec | None = None,
+    index_path: str | None = None, workers: int = 1, ray_address: str | None = None,
+    docs_per_write: int = 256, on_progress: Callable[[BuildProgress], None] | None = None, zero_stage: int = 0,
+) -> ScoreResult:
+    """Score a training set (``spec``: on the fly; ``index_path``: a gradient table) against a query table."""
+    check_zero_stage(zero_stage)
+    if zero_stage and spec is None:
+        raise RayattrError("--zero-stage 3 partitions a model, and scoring a built table (--index-path) runs none; drop it")
+
+    def on_group(group_spec: RunSpec, dataset, queries, progress: BuildProgress) -> None:
+        zero_score(run_path, group_spec, dataset, queries, settings, workers=workers, docs_per_write=docs_per_write,
+                   progress=progress, on_progress=on_progress)
+
+    return scoring.score(run_path, query_path, settings, spec=spec, index_path=index_path, workers=workers,
+                         ray_address=ray_address, docs_per_write=docs_per_write, on_progress=on_progress,
+                         group=on_group if zero_stage else None)
