@@ -37,10 +37,8 @@ from rayattr.grads.engine import GradientEngine, engine_for
 from rayattr.grads.normalizer import NormalizerKind
 from rayattr.hessian.stats import Sums
 from rayattr.ray.fit import DOCS_PER_STEP, FitSummary, StatsPass, check_method, fit_passes, same_meta
-from rayattr.ray.pipeline import (
-    DOCS_PER_WRITE, GradientWorker, WorkerResources, finish_build, plan_build, prepare, shard_items, token_stream,
-    user_errors,
-)
+from rayattr.ray.pipeline import (DOCS_PER_WRITE, GradientWorker, WorkerResources, finish_build, plan_build, prepare,
+                                  shard_items, token_stream, user_errors)
 from rayattr.ray.progress import BuildProgress, count_summaries, peak_rss_mb
 from rayattr.ray.reduce import tree_reduce
 from rayattr.ray.score import ScoringWorker
