@@ -1,0 +1,142 @@
+"""Commands on gradient tables: build one, verify a run, index it for search and query it."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from rayattr.cli.application import app
+from rayattr.cli.options import (AnnMetric, CompletionColumnOpt, DatasetOpt, ModelOpt, PromptColumnOpt, RayAddressOpt,
+                                 RunPathArg, SaveConfigOpt, SplitOpt, SubsetOpt, TextColumnOpt, VectorDtype, WorkersOpt,
+                                 ZeroStageOpt, run_spec, saved, streams_dataset, user_errors)
+from rayattr.cli.render import console, cut, print_progress, progress_bar
+from rayattr.config import DataSpec, RayattrError, check_zero_stage
+
+
+@app.command()
+@user_errors
+@streams_dataset()
+def build(
+    run_path: RunPathArg,
+    model: ModelOpt,
+    dataset: DatasetOpt,
+    workers: WorkersOpt = 1,
+    zero_stage: ZeroStageOpt = 0,
+    dtype: Annotated[VectorDtype, typer.Option(help="Stored vector dtype")] = VectorDtype.float32,
+    per_token: Annotated[bool, typer.Option(help="One row per token instead of per document")] = False,
+    ray_address: RayAddressOpt = None,
+    save_config: SaveConfigOpt = None,
+    options: dict | None = None,
+) -> None:
+    """Collect per-example (projected) gradients of a dataset into a LanceDB table; reruns resume."""
+    from rayattr.ray.entry import build as run_build
+    from rayattr.runconfig import BuildConfig
+
+    spec = run_spec(model, dataset, **options, dtype=dtype, per_token=per_token)
+    check_zero_stage(zero_stage)
+    if saved(save_config, BuildConfig(run_path, spec, workers, zero_stage)):
+        return
+    with progress_bar("build") as show:
+        result = run_build(run_path, spec, workers=workers, ray_address=ray_address, on_progress=show,
+                           zero_stage=zero_stage)
+    print_progress(f"build {run_path}", result)
+
+
+@app.command("verify")
+@user_errors
+def verify_command(run_path: RunPathArg) -> None:
+    """Check a run: every id once, vector widths and dtypes, no NaN/Inf, finished tables, statistics checksums
+    and fingerprints. Exits 1 with the list of problems."""
+    from rayattr.verify import verify
+
+    report = verify(run_path)
+    checked = Table("checked", title=f"verify {run_path}")
+    for item in report.checked:
+        checked.add_row(escape(item))
+    Console().print(checked)
+    if not report.ok:
+        for problem in report.problems:
+            console.print(f"[bold red]problem:[/] {escape(problem)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    Console().print(f"{run_path}: no problems")
+
+
+@app.command("index")
+@user_errors
+def index_command(
+    run_path: RunPathArg,
+    ann: Annotated[bool, typer.Option(help="Build an IVF-PQ index on the gradients for `rayattr query --ann`")] = False,
+    metric: Annotated[AnnMetric, typer.Option(help="cosine (for --unit-norm queries) or dot (inner product)")] = AnnMetric.cosine,
+    num_partitions: Annotated[int | None, typer.Option(help="IVF partitions (default sqrt(rows), at most rows/256)")] = None,
+    num_sub_vectors: Annotated[int | None, typer.Option(help="PQ sub-vectors; must divide the dimension (default dim/8, at least 16)")] = None,
+) -> None:
+    """Show what a gradient table offers for search; --ann builds an approximate-search index on it."""
+    from rayattr.search import Index, ann_metric, build_ann_index
+
+    rows = []
+    if ann:
+        with console.status("building IVF-PQ index"):
+            built = build_ann_index(run_path, metric.value, num_partitions, num_sub_vectors)
+        rows = [("IVF partitions", f"{built.num_partitions:,}"), ("PQ sub-vectors", f"{built.num_sub_vectors:,}")]
+    index = Index.open(run_path)
+    summary = Table("", "value", title=f"index {run_path}")
+    for key, value in [
+        ("rows", f"{index.table.count():,}"), ("dimensions", f"{index.meta.dim:,}"), ("model", index.meta.model["name"]),
+        ("ANN index metric", ann_metric(index.table) or "none (exact search only)"), *rows,
+    ]:
+        summary.add_row(key, value)
+    Console().print(summary)
+
+
+@app.command("query")
+@user_errors
+def query_command(
+    run_path: RunPathArg,
+    text: Annotated[list[str] | None, typer.Option(help="Query text, loss on every token (repeatable)")] = None,
+    query_dataset: Annotated[str | None, typer.Option(help="Dataset of queries (same forms as --dataset)")] = None,
+    split: SplitOpt = "train",
+    subset: SubsetOpt = None,
+    text_column: TextColumnOpt = "text",
+    prompt_column: PromptColumnOpt = None,
+    completion_column: CompletionColumnOpt = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="Training rows to show per query")] = 10,
+    unit_norm: Annotated[bool, typer.Option("--unit-norm", "--unit-normalize", help="Rank by cosine instead of inner product")] = False,
+    hessian: Annotated[str | None, typer.Option("--hessian", "--hessian-path", help="Statistics directory: H^-1 on the query (H^-1/2 both sides with --unit-norm)")] = None,
+    ann: Annotated[bool, typer.Option(help="Approximate search with the index from `rayattr index --ann`")] = False,
+    nprobes: Annotated[int, typer.Option(help="IVF partitions searched (--ann)")] = 20,
+    refine_factor: Annotated[int, typer.Option(help="Candidates re-ranked exactly, as a multiple of k (--ann)")] = 20,
+    model: Annotated[str | None, typer.Option(help="Load the index's model from here instead of its recorded path")] = None,
+) -> None:
+    """Rank the training documents of an index for query texts by gradient similarity."""
+    from rayattr.config import from_dict
+    from rayattr.data import read_rows, row_texts
+    from rayattr.search import Index, dataset_gradients, query_gradients
+
+    if bool(text) == bool(query_dataset):
+        raise RayattrError("pass query text with --text \"...\" (repeatable) or a query dataset with --query-dataset D, not both")
+    index = Index.open(run_path)
+    with console.status("computing query gradients"):
+        if text:
+            labels, queries = text, query_gradients(index.meta, text, model)
+        else:
+            data = DataSpec(dataset=query_dataset, split=split, subset=subset, text_column=text_column,
+                            prompt_column=prompt_column, completion_column=completion_column,
+                            max_length=index.meta.data.get("max_length"), truncation=index.meta.data.get("truncation", False))
+            ids, queries = dataset_gradients(index.meta, data, model)
+            labels = row_texts(read_rows(data, ids), data)
+    with console.status("searching"):
+        found = index.search(queries, k, unit_normalize=unit_norm, hessian=hessian, ann=ann, nprobes=nprobes,
+                             refine_factor=refine_factor)
+    train = from_dict(DataSpec, index.meta.data)
+    hits = read_rows(train, found.ids[found.ids >= 0])
+    texts = dict(zip(hits.column("id").to_pylist(), row_texts(hits, train)))
+    for label, ids, scores in zip(labels, found.ids, found.scores):
+        table = Table("rank", "score", "id", "training text", title=f"query: {escape(cut(label))}", title_justify="left")
+        for rank, (row_id, score) in enumerate(zip(ids.tolist(), scores.tolist()), start=1):
+            if row_id >= 0:
+                table.add_row(str(rank), f"{score:.4g}", str(row_id), escape(cut(texts[row_id])))
+        Console().print(table)
