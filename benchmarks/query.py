@@ -41,7 +41,8 @@ from rich.table import Table
 
 from common import write_results
 from rayattr.search import REFINE_FACTOR, Index, build_ann_index
-from rayattr.store import GradientTable, TableMeta
+from rayattr.space import TableMeta
+from rayattr.store import GradientTable
 from rayattr.topk import TopK
 
 SIZES = {"small": [100_000], "full": [100_000, 1_000_000]}  # table rows

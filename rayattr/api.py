@@ -12,7 +12,8 @@ from rayattr.ray.entry import build, fit as fit_hessian, score
 from rayattr.ray.progress import BuildProgress
 from rayattr.ray.score import ScoreSettings, read_topk, reduce
 from rayattr.search import Attributor, Index
-from rayattr.store import GRADIENTS, GradientTable, TableMeta
+from rayattr.space import TableMeta
+from rayattr.store import GRADIENTS, GradientTable
 from rayattr.trackstar import TrackstarSpec, trackstar
 
 __all__ = [

@@ -15,7 +15,7 @@ import torch
 
 from rayattr.config import RayattrError
 from rayattr.hessian.precondition import Preconditioner
-from rayattr.store import TableMeta
+from rayattr.space import TableMeta
 
 Aggregation = Literal["none", "mean", "sum"]
 ScoreMode = Literal["individual", "mean", "nearest"]

@@ -20,64 +20,19 @@ import pyarrow as pa
 
 from rayattr import __version__, storage
 from rayattr.config import RayattrError
+from rayattr.space import FORMAT_VERSION, GRADIENTS, SPACE_FIELDS, VECTOR_FIELDS, TableMeta, space_mismatches
 
-GRADIENTS = "gradients"
 SCORES = "scores"
 TOKEN_SCORES = "token_scores"
 TOPK = "topk"
-FORMAT_VERSION = 1
 META_KEY = b"rayattr"
 RECORDS_DIR = "_rayattr"  # completion records, beside the tables of a run path
 ARROW_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
-# Fields that decide the space gradient vectors live in; they must agree to compare two tables.
-COMPATIBILITY_FIELDS = ("model", "modules", "projection", "normalizer")
-# Fields that decide the shape and storage of the vectors.
-VECTOR_FIELDS = ("dtype", "dim")
-
-
-@dataclass(frozen=True)
-class TableMeta:
-    """How a table's vectors were made (stored as JSON in the schema metadata)."""
-
-    model: dict[str, str]
-    modules: list[dict[str, Any]]
-    projection: dict[str, Any]
-    dtype: str
-    dim: int
-    per_token: bool = False
-    normalizer: str | None = None
-    preconditioner: str | None = None
-    unit_normalized: bool = False
-    data: dict[str, Any] = field(default_factory=dict)
-    # How to recompute such vectors (model and gradient specs, paths included);
-    # informational, never compared: paths differ between machines.
-    source: dict[str, Any] = field(default_factory=dict)
-    kind: str = GRADIENTS
-    format_version: int = FORMAT_VERSION
-    rayattr_version: str = __version__
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes, where: str) -> TableMeta:
-        payload = json.loads(raw)
-        version = payload.get("format_version", 0)
-        if version > FORMAT_VERSION:
-            raise RayattrError(
-                f"{where} was written by rayattr {payload.get('rayattr_version')} (table format {version}); "
-                f"this rayattr {__version__} reads format <= {FORMAT_VERSION}: upgrade rayattr"
-            )
-        return cls(**payload)
-
-    def mismatches(self, other: TableMeta, fields: tuple[str, ...] = COMPATIBILITY_FIELDS) -> list[str]:
-        """Names of the given fields on which two tables disagree."""
-        return [name for name in fields if getattr(self, name) != getattr(other, name)]
 
 
 def require_compatible(index: TableMeta, query: TableMeta) -> None:
     """Refuse to compare vectors from different models, subspaces or normalizers."""
-    differing = index.mismatches(query)
+    differing = space_mismatches(index, query)
     if differing:
         name = differing[0]
         raise RayattrError(
@@ -314,7 +269,7 @@ class GradientTable(RowTable):
     @classmethod
     def create(cls, uri: str, meta: TableMeta, name: str = GRADIENTS) -> GradientTable:
         """Create the table, or open it for resuming when it holds the same kind of rows."""
-        fields = COMPATIBILITY_FIELDS + VECTOR_FIELDS + ("per_token", "data", "preconditioner", "unit_normalized")
+        fields = SPACE_FIELDS + VECTOR_FIELDS + ("per_token", "data", "preconditioner", "unit_normalized")
         return cls._create_or_resume(uri, name, meta, gradient_schema(meta), lambda t: t.meta.mismatches(meta, fields))
 
     @classmethod

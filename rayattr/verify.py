@@ -18,8 +18,9 @@ import pyarrow as pa
 
 from rayattr import storage
 from rayattr.config import RayattrError
+from rayattr.space import space_mismatches
 from rayattr.store import (
-    ARROW_DTYPES, COMPATIBILITY_FIELDS, META_KEY, SCORES, TOPK, Completion, GradientTable, RowTable, ScoreTable, TableMeta,
+    ARROW_DTYPES, META_KEY, SCORES, TOPK, Completion, GradientTable, RowTable, ScoreTable, TableMeta,
     connect, vectors_of,
 )
 
@@ -144,7 +145,7 @@ def _verify_stats(directory: str, metas: dict[str, TableMeta], report: VerifyRep
         return
     report.checked.append(f"statistics {directory}")
     for where, meta in metas.items():
-        differing = [f for f in COMPATIBILITY_FIELDS if manifest.get(f) != getattr(meta, f)]
+        differing = space_mismatches(manifest, meta)
         if differing:
             report.problems.append(f"statistics {directory} disagree with {where} on {', '.join(differing)}; "
                                    "refit the statistics with the table's settings")

@@ -43,12 +43,13 @@ def load_fixture_model(offline_fixture: Fixture) -> Callable[..., torch.nn.Modul
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One embedded local Ray for the whole session (starting Ray costs seconds)."""
+    """One embedded local Ray for the whole session (starting Ray costs seconds); a new one,
+    never a cluster that another test (or test process) has started on this machine."""
     import ray
 
     from rayattr.ray.pipeline import ensure_ray
 
     os.environ.pop("RAY_ADDRESS", None)
-    ensure_ray()
+    ensure_ray("local")
     yield
     ray.shutdown()

@@ -6,7 +6,8 @@ import numpy as np
 
 from rayattr.config import DataSpec, GradSpec
 from rayattr.grads.engine import GradientEngine, GradientRows
-from rayattr.store import ScoreTable, TableMeta
+from rayattr.space import TableMeta
+from rayattr.store import ScoreTable
 
 
 def assert_rows_close(actual: np.ndarray, expected: np.ndarray, tol: float = 1e-5) -> None:

@@ -53,11 +53,19 @@ class KillOneWorker:
 
     def __call__(self, progress: BuildProgress) -> None:
         if self.killed is None and progress.docs >= self.after:
-            workers = [p for p in psutil.process_iter(["pid", "cmdline"])
-                       if any(self.process in part for part in p.info["cmdline"] or ())]
+            # Only this test process's own Ray workers: other test processes may run Ray beside it.
+            workers = [p for p in psutil.Process().children(recursive=True)
+                       if any(self.process in part for part in _cmdline(p))]
             assert workers, f"no {self.process} process found"
             self.killed, self.docs_at_kill = workers[0].pid, progress.docs
             os.kill(self.killed, signal.SIGKILL)
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:  # exited meanwhile
+        return []
 
 
 @pytest.fixture(scope="module")

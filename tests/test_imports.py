@@ -1,7 +1,8 @@
 """The house rules that can be checked by reading the code: imports only go down.
 
 Walks every module's imports (the AST, nothing is imported): no import
-circle among ``rayattr`` modules, and the compute core never imports Ray.
+circle among ``rayattr`` modules, every import goes to the same or a lower
+layer, and the compute core never imports Ray.
 """
 
 from __future__ import annotations
@@ -11,7 +12,21 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "rayattr"
 RAY_FREE = ("rayattr.grads", "rayattr.hessian", "rayattr.score", "rayattr.config", "rayattr.data", "rayattr.model",
-            "rayattr.storage", "rayattr.store")
+            "rayattr.storage", "rayattr.space", "rayattr.store")
+# The layers, bottom first; a module (or package) may import its own layer and those below.
+LAYERS = (
+    ("rayattr", "rayattr.config"),
+    ("rayattr.storage", "rayattr.data", "rayattr.model", "rayattr.space", "rayattr.fixtures"),
+    ("rayattr.configfile", "rayattr.grads"),
+    ("rayattr.hessian",),
+    ("rayattr.score", "rayattr.topk"),
+    ("rayattr.store",),
+    ("rayattr.search", "rayattr.verify"),
+    ("rayattr.ray",),
+    ("rayattr.trackstar",),
+    ("rayattr.api", "rayattr.runconfig"),
+    ("rayattr.cli", "rayattr.__main__"),
+)
 
 
 def module_name(path: Path) -> str:
@@ -74,6 +89,21 @@ def test_no_import_circle_among_rayattr_modules() -> None:
     graph = import_graph()
     assert len(graph) > 30  # the walk found the package
     assert cycles(graph) == []
+
+
+def layer_of(module: str) -> int:
+    """The layer of the longest ``LAYERS`` entry that is ``module`` or a package above it."""
+    matches = [(len(name), level) for level, names in enumerate(LAYERS) for name in names
+               if module == name or module.startswith(name + ".")]
+    assert matches, f"{module} is in no layer: add it to LAYERS"
+    return max(matches)[1]
+
+
+def test_imports_only_go_down() -> None:
+    assert layer_of("rayattr.grads.engine") < layer_of("rayattr.store") < layer_of("rayattr.ray.fit") < layer_of("rayattr.cli")
+    upward = sorted(f"{module} -> {other}" for module, imported in import_graph().items()
+                    for other in imported if layer_of(other) > layer_of(module))
+    assert upward == []
 
 
 def test_compute_core_never_imports_ray() -> None:

@@ -15,6 +15,8 @@ import pytest
 
 from rayattr.api import build_index, collect_in_process, open_index
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
+from rayattr.data import TokenizedDocs, plan_shards, read_shard, tokenize
+from rayattr.model import load_tokenizer
 from rayattr.ray.pipeline import APPEND_TOKENS, GradientWorker
 from rayattr.ray.progress import _count_peaks
 from rayattr.store import GradientTable
@@ -150,3 +152,25 @@ def test_appends_are_bounded_by_tokens_and_the_first_is_one_token_batch(offline_
     assert [lengths[p].sum() <= APPEND_TOKENS for p in later] == [True] * len(later)
     assert len(later) == -(-600 * 300 // (APPEND_TOKENS // 300 * 300)) and later[-1].stop == 600
     assert worker._append_parts(np.array([APPEND_TOKENS * 2, 5])) == [slice(0, 1), slice(1, 2)]
+
+
+def test_passes_count_what_a_write_runs(offline_fixture, tmp_path):
+    """ZeRO-3 workers agree on each step's pass count before they step (every pass gathers
+    parameters collectively), so ``passes`` must count what the appends in parts really run."""
+    spec = RunSpec(ModelSpec(str(offline_fixture.neox)), DataSpec(str(offline_fixture.train), split="train[:40]"),
+                   GradSpec(projection_dim=4, token_batch_size=256))
+    tokenizer = load_tokenizer(spec.model.model)
+    batch = pa.concat_tables([tokenize(table, spec.data, tokenizer, 10**6)
+                              for shard in plan_shards(spec.data) for table in read_shard(spec.data, shard)])
+    worker = GradientWorker(spec, str(tmp_path / "run"), threads=1)
+    collect, ran = worker.engine.collector.collect, []
+    worker.engine.collector.collect = lambda *args, **kwargs: ran.append(1) or collect(*args, **kwargs)
+    whole_plan = worker.engine.passes(TokenizedDocs.from_arrow(batch))
+    counted = []
+    for _ in range(2):  # the first write (its first part is one token batch), then a later one
+        counted.append(worker.passes(batch))
+        before = len(ran)
+        worker(batch)
+        assert len(ran) - before == counted[-1]
+    # The first write's parts pack differently from the whole batch: one more pass here.
+    assert counted == [whole_plan + 1, whole_plan], (counted, whole_plan)

@@ -16,7 +16,8 @@ from rayattr.data import read_rows, row_texts
 from rayattr.hessian.precondition import Preconditioner
 from rayattr.ray.entry import fit
 from rayattr.search import Attributor, Index, build_ann_index, query_gradients
-from rayattr.store import GradientTable, TableMeta
+from rayattr.space import TableMeta
+from rayattr.store import GradientTable
 
 runner = CliRunner()
 TOL = 1e-5

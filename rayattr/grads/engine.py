@@ -19,7 +19,7 @@ from rayattr.data import TokenizedDocs, token_budget_batches
 from rayattr.grads.collector import GradientCollector, ModuleLayout, TokenBatch
 from rayattr.grads.normalizer import Normalizer
 from rayattr.model import load_model, load_tokenizer, model_fingerprint
-from rayattr.store import TableMeta
+from rayattr.space import TableMeta
 
 _NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32}
 

@@ -4,19 +4,7 @@ from __future__ import annotations
 
 from rayattr.config import RayattrError, stable_hash
 from rayattr.hessian.factors import TARGET_DOWNWEIGHT_COMPONENTS, eigh_psd, load_stats, mix, mixing_lambda, save_stats
-
-IDENTITY_FIELDS = ("model", "modules", "projection", "normalizer")
-
-
-def require_same_space(first: dict, second: dict, what: str) -> None:
-    """Two statistics manifests describe the same model, modules, projection and normalizer."""
-    differing = [name for name in IDENTITY_FIELDS if first.get(name) != second.get(name)]
-    if differing:
-        raise RayattrError(
-            f"{what} disagree on {', '.join(differing)}; fit both with the same model, modules, "
-            "--projection-dim/--seed and normalizer"
-        )
-
+from rayattr.space import require_same_space, space_of
 
 def mix_stats(query_dir: str, index_dir: str, out_dir: str, target_downweight_components: int = TARGET_DOWNWEIGHT_COMPONENTS) -> tuple[float, int]:
     """Write ``lam * H_query + (1 - lam) * H_index`` per module (with its eigendecomposition) to ``out_dir``."""
@@ -25,7 +13,8 @@ def mix_stats(query_dir: str, index_dir: str, out_dir: str, target_downweight_co
     for directory, manifest in ((query_dir, query_manifest), (index_dir, index_manifest)):
         if manifest.get("method") != "second-moment":
             raise RayattrError(f"{directory} holds {manifest.get('method')} statistics; mixing needs second-moment ones")
-    require_same_space(query_manifest, index_manifest, "query and index statistics")
+    require_same_space(query_manifest, index_manifest, "query and index statistics",
+                       "fit both with the same model, modules, --projection-dim/--seed and normalizer")
     lam, k = mixing_lambda(
         [index[name]["eigenvalues"] for name in sorted(index)],
         [query[name]["eigenvalues"] for name in sorted(query)],
@@ -36,7 +25,7 @@ def mix_stats(query_dir: str, index_dir: str, out_dir: str, target_downweight_co
         matrix = mix(query[name]["second_moment"], index[name]["second_moment"], lam)
         eigen = eigh_psd(matrix)
         tensors[name] = {"second_moment": matrix, "eigenvalues": eigen.values, "eigenvectors": eigen.vectors}
-    identity = {field: index_manifest[field] for field in IDENTITY_FIELDS}
+    identity = space_of(index_manifest)
     manifest = {
         "method": "second-moment", **identity,
         "fingerprint": stable_hash(identity | {"method": "second-moment", "lambda": lam}),

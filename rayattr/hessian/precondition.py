@@ -17,8 +17,7 @@ from rayattr.config import RayattrError, stable_hash
 from rayattr.hessian.factors import (
     Eigen, InversionMode, apply_dense, apply_factored, inverse_multiplier, kfac_grid, load_stats,
 )
-from rayattr.hessian.mixing import IDENTITY_FIELDS
-from rayattr.store import TableMeta
+from rayattr.space import TableMeta, require_same_space, space_of
 
 
 @dataclass
@@ -48,18 +47,14 @@ class Preconditioner:
                 operators[name] = (t["q_out"], t["q_in"], multiplier)
             else:
                 raise RayattrError(f"{directory} holds {method!r} statistics, which cannot precondition gradients")
-        identity = {field: manifest.get(field) for field in IDENTITY_FIELDS}
+        identity = space_of(manifest)
         fingerprint = stable_hash({"stats": manifest["fingerprint"], "power": power, "mode": mode, "damping": damping})
         return cls(method, power, manifest["modules"], operators, identity, fingerprint)
 
     def check(self, meta: TableMeta) -> None:
         """The rows to precondition live in the space the statistics were fitted in."""
-        differing = [f for f in IDENTITY_FIELDS if getattr(meta, f) != self.identity[f]]
-        if differing:
-            raise RayattrError(
-                f"the Hessian statistics and the gradients disagree on {', '.join(differing)}; "
-                "fit the statistics with the same model, modules, projection and normalizer"
-            )
+        require_same_space(meta, self.identity, "the Hessian statistics and the gradients",
+                           "fit the statistics with the same model, modules, projection and normalizer")
 
     def apply(self, rows: torch.Tensor) -> torch.Tensor:
         """``[N, D]`` rows -> ``H^power`` applied to each module's slice (float64 inside)."""

@@ -25,7 +25,7 @@ from rayattr.ray.checkpoint import PartialWriter, load_partials, pass_directory,
 from rayattr.ray.pipeline import WorkerResources, prepare, resume_plan, token_stream
 from rayattr.ray.progress import peak_rss_mb
 from rayattr.ray.reduce import eigh_all, tree_reduce
-from rayattr.store import TableMeta
+from rayattr.space import TableMeta, space_of
 
 DOCS_PER_STEP = 256
 CHECKPOINT_SECONDS = 60.0  # how often a worker saves its partial sums
@@ -207,7 +207,7 @@ def _report(actors: list) -> tuple[float, float]:
 
 def stats_manifest(method: str, meta: TableMeta, summary: dict) -> dict:
     """What a statistics directory records: method, counts and the fingerprints it must match."""
-    identity = {"model": meta.model, "modules": meta.modules, "projection": meta.projection, "normalizer": meta.normalizer}
+    identity = space_of(meta)
     return {"method": method, **identity, "fingerprint": stable_hash(identity | {"method": method}),
             "examples": summary["examples"], "tokens": summary["tokens"], "data": meta.data, "spec_version": 1}
 

@@ -27,7 +27,8 @@ from rayattr.grads.engine import GradientEngine, engine_for
 from rayattr.model import load_config, load_tokenizer, max_positions
 from rayattr.ray.progress import BuildProgress, count_summaries, summary_rows
 from rayattr.score import QueryPreprocess
-from rayattr.store import GRADIENTS, Completion, GradientTable, TableMeta, table_exists
+from rayattr.space import TableMeta
+from rayattr.store import GRADIENTS, Completion, GradientTable, table_exists
 
 DOCS_PER_WRITE = 256  # documents per Ray batch: the unit of retries and of the driver's progress
 # Table appends within a batch are bounded by tokens instead: a worker's first append covers one
@@ -38,16 +39,17 @@ TOKENIZE_CPUS = 0.5
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to ``address`` / ``RAY_ADDRESS`` when given, else start an embedded local Ray."""
+    """Connect to ``address`` / ``RAY_ADDRESS`` when given, else start an embedded local Ray
+    (or join one that ``ray start`` left running here; ``"local"`` always starts a new one)."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     try:
-        if address:
+        if address and address != "local":
             _probe(address)
             ray.init(address=address, log_to_driver=True)
-        else:
-            ray.init(include_dashboard=False, log_to_driver=True)
+        else:  # "local": a new embedded Ray even where another one runs on this machine
+            ray.init(address=address, include_dashboard=False, log_to_driver=True)
     except ConnectionError as exc:
         raise RayattrError(f"cannot reach a Ray cluster at {address!r} ({exc}); check --ray-address / RAY_ADDRESS") from exc
     context = ray.data.DataContext.get_current()
@@ -140,8 +142,8 @@ class GradientWorker:
         docs = TokenizedDocs.from_arrow(batch)
         written, non_finite = np.zeros(len(docs), bool), np.zeros(len(docs), bool)
         written_at = np.zeros(len(docs))
-        for part in self._append_parts(batch.column("num_tokens").to_numpy()):
-            rows = self.engine.rows(TokenizedDocs(docs.ids[part], docs.tokens[part], docs.label_start[part]))
+        for part, part_docs in self._parts(batch):
+            rows = self.engine.rows(part_docs)
             if self.preprocess is not None:
                 rows.grads = self.preprocess(torch.from_numpy(rows.grads)).numpy()
             self.table.append(rows.to_arrow())
@@ -150,6 +152,16 @@ class GradientWorker:
             non_finite[part] = np.isin(docs.ids[part], rows.non_finite)
             written_at[part] = time.time()
         return summary_rows(docs.ids, batch.column("num_tokens"), written, non_finite, written_at)
+
+    def passes(self, batch: pa.Table) -> int:
+        """How many forward+backward passes the next ``__call__(batch)`` runs: ZeRO-3 workers
+        agree on it before each step (every pass gathers each module's parameters)."""
+        return sum(self.engine.passes(part_docs) for _, part_docs in self._parts(batch))
+
+    def _parts(self, batch: pa.Table) -> list[tuple[slice, TokenizedDocs]]:
+        docs = TokenizedDocs.from_arrow(batch)
+        return [(part, TokenizedDocs(docs.ids[part], docs.tokens[part], docs.label_start[part]))
+                for part in self._append_parts(batch.column("num_tokens").to_numpy())]
 
     def _append_parts(self, num_tokens: np.ndarray) -> list[slice]:
         """Consecutive slices of the batch, each at most ``APPEND_TOKENS`` tokens (the first of

@@ -195,6 +195,10 @@ class ScoringWorker:
         self.scores = ScoreTable.open(run_path, SCORES)
         self.token_scores = ScoreTable.open(run_path, TOKEN_SCORES) if settings.per_token else None
 
+    def passes(self, batch: pa.Table) -> int:
+        """How many forward+backward passes ``__call__(batch)`` runs (ZeRO-3 lock-step)."""
+        return 0 if self.engine is None else self.engine.passes(TokenizedDocs.from_arrow(batch))
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.engine is None:
             ids = batch.column("id").to_numpy()

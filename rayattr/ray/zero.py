@@ -26,7 +26,6 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
-import torch.distributed as dist
 from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from torch import nn
@@ -37,12 +36,14 @@ from rayattr.grads.engine import GradientEngine, engine_for
 from rayattr.grads.normalizer import NormalizerKind
 from rayattr.hessian.stats import Sums
 from rayattr.ray.fit import DOCS_PER_STEP, FitSummary, StatsPass, check_method, fit_passes, same_meta
+from rayattr.ray.lockstep import Step, run_lockstep
 from rayattr.ray.pipeline import (DOCS_PER_WRITE, GradientWorker, WorkerResources, finish_build, plan_build, prepare,
                                   shard_items, token_stream, user_errors)
 from rayattr.ray.progress import BuildProgress, count_summaries, peak_rss_mb
 from rayattr.ray.reduce import tree_reduce
 from rayattr.ray.score import ScoringWorker
-from rayattr.store import GRADIENTS, SCORES, TableMeta, committed_ids
+from rayattr.space import TableMeta
+from rayattr.store import GRADIENTS, SCORES, committed_ids
 
 DOCS = "docs"  # the Ray Train dataset name of the token stream
 POLL_SECONDS = 0.5  # how often the driver collects build summaries while the group runs
@@ -95,34 +96,6 @@ def partition_numel(model: nn.Module) -> tuple[int, int]:
     return held, sum(getattr(p, "ds_numel", p.numel()) for p in params)
 
 
-def run_lockstep(batches: Iterator[pa.Table], engine: GradientEngine, consume: Callable[[pa.Table], None]) -> tuple[int, int]:
-    """Feed this worker's batches to ``consume`` in lock-step with the group.
-
-    Every worker runs the same number of forward+backward passes per step (the
-    most any worker needs; the others pad with idle passes), and all keep
-    stepping until every shard is exhausted. Returns ``(passes, idle passes)``.
-    """
-    passes = idle = 0
-    while True:
-        batch = next(batches, None)
-        needed = 0 if batch is None else engine.passes(TokenizedDocs.from_arrow(batch))
-        most, pending = _max_over_workers(engine.device, needed, batch is not None)
-        if not pending:
-            return passes, idle
-        if batch is not None:
-            consume(batch)
-        for _ in range(most - needed):
-            engine.idle_pass()
-        passes, idle = passes + needed, idle + most - needed
-
-
-def _max_over_workers(device: torch.device, *values: int) -> list[int]:
-    """Elementwise maximum of small integers over the worker group (an all-reduce)."""
-    tensor = torch.tensor(values, dtype=torch.int64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.tolist()
-
-
 @dataclass(frozen=True)
 class WorkerReport:
     """What one worker of the group did and held."""
@@ -145,11 +118,11 @@ class ZeroBuildProgress(BuildProgress):
 
 
 class _Job(Protocol):
-    """What a worker group does with its shards: a consumer per worker, a result per worker."""
+    """What a worker group does with its shards: a step per worker, a result per worker."""
 
     docs_per_step: int
 
-    def start(self, spec: RunSpec, engine: GradientEngine, meta: TableMeta, mailbox: Any) -> Callable[[pa.Table], None]: ...
+    def start(self, spec: RunSpec, engine: GradientEngine, meta: TableMeta, mailbox: Any) -> Step: ...
 
     resumed_past: int  # documents of the stream left out by ``pending``
 
@@ -188,10 +161,10 @@ class _WriteRows(_SkipsCommitted):
     table: str
     docs_per_step: int
 
-    def start(self, spec: RunSpec, engine: GradientEngine, meta: TableMeta, mailbox: Any) -> Callable[[pa.Table], None]:
+    def start(self, spec: RunSpec, engine: GradientEngine, meta: TableMeta, mailbox: Any) -> Step:
         self._read_committed()
         writer = GradientWorker(spec, self.run_path, torch.get_num_threads(), self.table, loaded=(engine, meta))
-        return lambda batch: mailbox.post.remote(writer(batch))
+        return Step(writer.passes, lambda batch: mailbox.post.remote(writer(batch)))
 
     def result(self) -> None:
         return None
@@ -207,9 +180,10 @@ class _AccumulateStats:
     resumed_past: int = 0
     _stats: StatsPass | None = None
 
-    def start(self, spec: RunSpec, engine: GradientEngine, meta: TableMeta, mailbox: Any) -> Callable[[pa.Table], None]:
+    def start(self, spec: RunSpec, engine: GradientEngine, meta: TableMeta, mailbox: Any) -> Step:
         self._stats = StatsPass(engine, self.method, ray.get(self.eigenbases) if self.eigenbases is not None else None)
-        return lambda batch: self._stats(TokenizedDocs.from_arrow(batch))
+        return Step(lambda batch: engine.passes(TokenizedDocs.from_arrow(batch)),
+                    lambda batch: self._stats(TokenizedDocs.from_arrow(batch)))
 
     def pending(self, batch: pa.Table) -> pa.Table:
         return batch  # partial sums live in memory: a restarted group redoes the whole pass
@@ -228,11 +202,11 @@ class _ScoreRows(_SkipsCommitted):
     docs_per_step: int
     table: str = SCORES
 
-    def start(self, spec: RunSpec, engine: GradientEngine, meta: TableMeta, mailbox: Any) -> Callable[[pa.Table], None]:
+    def start(self, spec: RunSpec, engine: GradientEngine, meta: TableMeta, mailbox: Any) -> Step:
         self._read_committed()
         scorer = ScoringWorker(self.run_path, torch.get_num_threads(), self.queries, self.settings, spec,
                                loaded=(engine, meta))
-        return lambda batch: mailbox.post.remote(scorer(batch))
+        return Step(scorer.passes, lambda batch: mailbox.post.remote(scorer(batch)))
 
     def result(self) -> None:
         return None
@@ -271,10 +245,10 @@ def _worker_loop(config: dict) -> None:
     spec, job, mailbox = config["spec"], config["job"], config["mailbox"]
     torch.set_num_threads(config["threads"])
     with partitioned_engine(spec) as (engine, meta):
-        consume = job.start(spec, engine, meta, mailbox)
+        step = job.start(spec, engine, meta, mailbox)
         started = time.perf_counter()
         batches = ray.train.get_dataset_shard(DOCS).iter_batches(batch_size=job.docs_per_step, batch_format="pyarrow")
-        passes, idle = run_lockstep((job.pending(batch) for batch in batches), engine, consume)
+        passes, idle = run_lockstep((job.pending(batch) for batch in batches), engine, step)
         rank = ray.train.get_context().get_world_rank()
         report = WorkerReport(rank, *partition_numel(engine.model), passes, idle, job.resumed_past,
                               time.perf_counter() - started, peak_rss_mb())
