@@ -18,6 +18,7 @@ from rich.markup import escape
 from rayattr import config
 from rayattr.cli.render import console
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec
+from rayattr.hessian.methods import HessianMethod
 from rayattr.score import AGGREGATIONS, SCORE_MODES
 
 
@@ -32,7 +33,7 @@ ProjectionKind = _choices("ProjectionKind", typing.get_args(config.ProjectionTyp
 VectorDtype = _choices("VectorDtype", typing.get_args(config.VectorDtype))
 NormalizerKind = _choices("NormalizerKind", ("adafactor", "adam"))
 TrackstarNormalizer = _choices("TrackstarNormalizer", ("auto", "adafactor", "adam", "none"))
-Method = _choices("Method", ("second-moment", "kfac", "ekfac"))
+Method = _choices("Method", tuple(name for name, method in HessianMethod.registry.items() if method.preconditions))
 AggregationKind = _choices("AggregationKind", AGGREGATIONS)
 ScoreKind = _choices("ScoreKind", SCORE_MODES)
 AnnMetric = _choices("AnnMetric", ("cosine", "dot"))

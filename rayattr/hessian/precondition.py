@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 
 from rayattr.config import RayattrError, stable_hash
-from rayattr.hessian.factors import (
-    Eigen, InversionMode, apply_dense, apply_factored, inverse_multiplier, kfac_grid, load_stats,
-)
+from rayattr.hessian.factors import InversionMode, apply_dense, apply_factored, load_stats
+from rayattr.hessian.methods import HessianMethod
 from rayattr.space import TableMeta, require_same_space, space_of
 
 
@@ -36,17 +35,10 @@ class Preconditioner:
              damping: float = 0.1) -> Preconditioner:
         tensors, manifest = load_stats(directory)
         method = manifest["method"]
-        operators: dict[str, tuple] = {}
-        for name, t in tensors.items():
-            if method == "second-moment":
-                eigen = Eigen(t["eigenvalues"], t["eigenvectors"])
-                operators[name] = (eigen, inverse_multiplier(eigen.values, mode, damping, power))
-            elif method in ("kfac", "ekfac"):
-                grid = t["lambda"] if method == "ekfac" else kfac_grid(t["s_values"], t["a_values"])
-                multiplier = inverse_multiplier(grid.flatten(), mode, damping, power).view_as(grid)
-                operators[name] = (t["q_out"], t["q_in"], multiplier)
-            else:
-                raise RayattrError(f"{directory} holds {method!r} statistics, which cannot precondition gradients")
+        plan = HessianMethod.registry.get(method)
+        if plan is None or not plan.preconditions:
+            raise RayattrError(f"{directory} holds {method!r} statistics, which cannot precondition gradients")
+        operators = {name: plan.operator(t, mode, damping, power) for name, t in tensors.items()}
         identity = space_of(manifest)
         fingerprint = stable_hash({"stats": manifest["fingerprint"], "power": power, "mode": mode, "damping": damping})
         return cls(method, power, manifest["modules"], operators, identity, fingerprint)

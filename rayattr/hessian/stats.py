@@ -21,8 +21,7 @@ from rayattr.config import RayattrError
 from rayattr.grads.collector import ModuleLayout
 from rayattr.hessian.factors import ekfac_lambda
 
-Method = Literal["second-moment", "kfac", "ekfac", "normalizer"]
-METHODS: tuple[str, ...] = ("second-moment", "kfac", "ekfac", "normalizer")
+Method = Literal["second-moment", "ekfac", "normalizer"]  # row passes (K-FAC taps tokens: TokenAccumulator)
 Sums = dict[str, dict[str, torch.Tensor]]
 
 

@@ -34,13 +34,14 @@ from rayattr.config import RunSpec
 from rayattr.data import TokenizedDocs
 from rayattr.grads.engine import GradientEngine, engine_for
 from rayattr.grads.normalizer import NormalizerKind
+from rayattr.hessian.methods import FitSummary, StatsPass, check_method, fit_statistics
 from rayattr.hessian.stats import Sums
-from rayattr.ray.fit import DOCS_PER_STEP, FitSummary, StatsPass, check_method, fit_passes, same_meta
+from rayattr.ray.fit import DOCS_PER_STEP, same_meta
 from rayattr.ray.lockstep import Step, run_lockstep
 from rayattr.ray.pipeline import (DOCS_PER_WRITE, GradientWorker, WorkerResources, finish_build, plan_build, prepare,
                                   shard_items, token_stream, user_errors)
 from rayattr.ray.progress import BuildProgress, count_summaries, peak_rss_mb
-from rayattr.ray.reduce import tree_reduce
+from rayattr.ray.reduce import eigh_all, tree_reduce
 from rayattr.ray.score import ScoringWorker
 from rayattr.space import TableMeta
 from rayattr.store import GRADIENTS, SCORES, committed_ids
@@ -355,7 +356,8 @@ def zero_fit(out_dir: str, spec: RunSpec, method: str, *, workers: int = 2, ray_
     start = time.perf_counter()
     items = shard_items(prepare(spec, ray_address, workers))
     reports: list[WorkerReport] = []
-    summary = fit_passes(out_dir, spec, method, partial(_stats_pass, spec, items, workers, reports), normalizer_kind)
+    summary = fit_statistics(out_dir, spec, method, partial(_stats_pass, spec, items, workers, reports), eigh_all,
+                             normalizer_kind)
     return replace(summary, seconds=time.perf_counter() - start,
                    worker_compute_seconds=max(r.seconds for r in reports),
                    worker_peak_rss_mb=max(r.peak_rss_mb for r in reports))
