@@ -30,8 +30,9 @@ from rayattr.ray.pipeline import (
 )
 from rayattr.ray.progress import BuildProgress, summary_rows
 from rayattr.score import Aggregation, Preprocess, QueryPreprocess, Scorer, ScoreMode, aggregate, check_mode
+from rayattr.space import TableMeta
 from rayattr.store import (
-    GRADIENTS, META_KEY, Completion, SCORES, TOKEN_SCORES, TOPK, GradientTable, ScoreMeta, ScoreTable, TableMeta, connect,
+    GRADIENTS, META_KEY, Completion, SCORES, TOKEN_SCORES, TOPK, GradientTable, ScoreMeta, ScoreTable, connect,
     require_compatible, table_exists, vectors_of,
 )
 from rayattr.topk import TopK
