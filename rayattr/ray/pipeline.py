@@ -139,19 +139,19 @@ class GradientWorker:
         self.appended = False  # whether this worker has appended rows yet
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        docs = TokenizedDocs.from_arrow(batch)
-        written, non_finite = np.zeros(len(docs), bool), np.zeros(len(docs), bool)
-        written_at = np.zeros(len(docs))
+        ids = batch.column("id").to_numpy().astype(np.int64)
+        written, non_finite = np.zeros(len(ids), bool), np.zeros(len(ids), bool)
+        written_at = np.zeros(len(ids))
         for part, part_docs in self._parts(batch):
             rows = self.engine.rows(part_docs)
             if self.preprocess is not None:
                 rows.grads = self.preprocess(torch.from_numpy(rows.grads)).numpy()
             self.table.append(rows.to_arrow())
             self.appended = True
-            written[part] = np.isin(docs.ids[part], rows.ids)
-            non_finite[part] = np.isin(docs.ids[part], rows.non_finite)
+            written[part] = np.isin(part_docs.ids, rows.ids)
+            non_finite[part] = np.isin(part_docs.ids, rows.non_finite)
             written_at[part] = time.time()
-        return summary_rows(docs.ids, batch.column("num_tokens"), written, non_finite, written_at)
+        return summary_rows(ids, batch.column("num_tokens"), written, non_finite, written_at)
 
     def passes(self, batch: pa.Table) -> int:
         """How many forward+backward passes the next ``__call__(batch)`` runs: ZeRO-3 workers
