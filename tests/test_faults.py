@@ -81,7 +81,7 @@ def _assert_clean_table(run: str, reference: np.ndarray) -> None:
 
 
 def test_killed_gradient_worker_costs_no_row(ray_session, tmp_path, spec, reference):
-    kill = KillOneWorker("MapBatches(GradientWorker)", after=64)
+    kill = KillOneWorker("ray::Replica", after=64)
     run = str(tmp_path / "run")
     build(run, spec, workers=2, docs_per_write=8, on_progress=kill)
     assert kill.killed is not None and kill.docs_at_kill < DOCS  # the kill landed before the end
@@ -104,7 +104,7 @@ def test_killed_scoring_worker_costs_no_score(ray_session, tmp_path, spec, offli
     reduce(str(tmp_path / "query"), queries, aggregation="none")
     settings = ScoreSettings(top_k=5)
     score(str(tmp_path / "clean"), str(tmp_path / "query"), settings, spec=spec, workers=1, docs_per_write=64)
-    kill = KillOneWorker("MapBatches(ScoringWorker)", after=64)
+    kill = KillOneWorker("ray::Replica", after=64)
     score(str(tmp_path / "killed"), str(tmp_path / "query"), settings, spec=spec, workers=2, docs_per_write=8,
           on_progress=kill)
     assert kill.killed is not None and kill.docs_at_kill < DOCS

@@ -17,6 +17,7 @@ from rayattr.api import build_index, collect_in_process, open_index
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
 from rayattr.data import TokenizedDocs, plan_shards, read_shard, tokenize
 from rayattr.model import load_tokenizer
+from rayattr.ray.entry import fit
 from rayattr.ray.pipeline import APPEND_TOKENS, GradientWorker
 from rayattr.ray.progress import _count_peaks
 from rayattr.store import GradientTable
@@ -64,6 +65,18 @@ def test_ray_build_equals_in_process(ray_session, tmp_path, full_spec, full_refe
     again = build_index(run, full_spec, workers=workers)
     assert again.docs == 0
     assert open_index(run).count() == len(full_reference[0])
+
+
+def test_consecutive_passes_run_on_the_same_warm_replicas(ray_session, tmp_path, offline_fixture):
+    """A second build and a fit of the same driver start no actor: the replica processes of the
+    first pass serve them (each builds the new pass's worker), and their rows are still right."""
+    spec = _spec(offline_fixture, split="train[:12]", projection_dim=4)
+    first = build_index(str(tmp_path / "a"), spec)
+    fit(str(tmp_path / "stats"), spec, "second-moment")
+    other = _spec(offline_fixture, split="train[12:24]", projection_dim=4)
+    second = build_index(str(tmp_path / "b"), other)
+    assert set(first.worker_peak_rss_mb) == set(second.worker_peak_rss_mb) and len(first.worker_peak_rss_mb) == 1
+    _assert_same_rows(str(tmp_path / "b"), _reference(other))
 
 
 def test_worker_peaks_keep_each_workers_highest_report():

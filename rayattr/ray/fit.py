@@ -1,9 +1,9 @@
-"""Statistics passes on Ray: StatsWorker actors accumulate, Ray tasks reduce and decompose.
+"""Statistics passes on Ray: StatsWorkers on the replica pool accumulate, Ray tasks reduce and decompose.
 
-The token stream is split between the actors with ``streaming_split``; each
-actor keeps one model replica and float64 partial sums, and returns only those
-sums. EK-FAC runs a second pass over the same actors with the K-FAC eigenbases
-broadcast through the object store.
+The token stream is split between the replicas with ``streaming_split``; each
+keeps one model and float64 partial sums, and returns only those sums. EK-FAC
+runs a second pass over the same workers with the K-FAC eigenbases broadcast
+through the object store.
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ from rayattr.grads.normalizer import NormalizerKind
 from rayattr.hessian.methods import FitSummary, StatsPass, check_method, fit_statistics
 from rayattr.hessian.stats import Sums
 from rayattr.ray.checkpoint import PartialWriter, load_partials, pass_directory, remove_partials
-from rayattr.ray.pipeline import WorkerResources, prepare, resume_plan, token_stream
+from rayattr.ray.pipeline import prepare, resume_plan, token_stream
 from rayattr.ray.progress import peak_rss_mb
 from rayattr.ray.reduce import eigh_all, tree_reduce
+from rayattr.ray.replicas import Job, ReplicaPool, replicas
 from rayattr.space import TableMeta
 
 DOCS_PER_STEP = 256
 CHECKPOINT_SECONDS = 60.0  # how often a worker saves its partial sums
 
 
-@ray.remote
 class StatsWorker:
     """A model replica that turns a stream of tokenized docs into partial sums."""
 
@@ -69,7 +69,8 @@ class _Passes:
 
     spec: RunSpec
     shards: list[Shard]
-    actors: list
+    pool: ReplicaPool
+    job: Job
     out_dir: str
     checkpoint_seconds: float
     resumed: int = 0  # documents whose sums came from checkpoints of an interrupted run
@@ -83,11 +84,11 @@ class _Passes:
         items = resume_plan(self.shards, (p.ids for p in restored))
         partials = [ray.put(p.sums) for p in restored]
         if items:
-            splits = token_stream(self.spec, items).streaming_split(len(self.actors), equal=False)
+            splits = token_stream(self.spec, items).streaming_split(self.pool.size, equal=False)
             bases = ray.put(eigenbases) if eigenbases is not None else None
-            partials += [actor.consume.remote(split, method, bases, PartialWriter(directory, self.checkpoint_seconds))
-                         for actor, split in zip(self.actors, splits)]
-        meta = same_meta(ray.get([actor.table_meta.remote() for actor in self.actors]))
+            partials += self.pool.call_each(self.job, "consume", [
+                (split, method, bases, PartialWriter(directory, self.checkpoint_seconds)) for split in splits])
+        meta = same_meta(ray.get(self.pool.call_each(self.job, "table_meta")))
         return ray.get(tree_reduce(partials)), meta
 
 
@@ -113,17 +114,16 @@ def replica_fit(out_dir: str, spec: RunSpec, method: str, *, workers: int = 1, r
     check_method(method, spec)
     start = time.perf_counter()
     shards = prepare(spec, ray_address, workers)
-    resources = WorkerResources.plan(workers)
-    actors = [StatsWorker.options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, scheduling_strategy="SPREAD")
-              .remote(spec, resources.threads) for _ in range(workers)]
-    passes = _Passes(spec, shards, actors, out_dir, checkpoint_seconds)
+    pool = replicas(workers)
+    passes = _Passes(spec, shards, pool, Job(StatsWorker, {"spec": spec, "threads": pool.resources.threads}), out_dir,
+                     checkpoint_seconds)
     summary = fit_statistics(out_dir, spec, method, passes, eigh_all, normalizer_kind)
     remove_partials(out_dir)
-    busy, rss = _report(actors)
+    busy, rss = _report(pool, passes.job)
     return replace(summary, seconds=time.perf_counter() - start, worker_compute_seconds=busy, worker_peak_rss_mb=rss,
                    resumed_examples=passes.resumed)
 
 
-def _report(actors: list) -> tuple[float, float]:
-    reports = ray.get([actor.report.remote() for actor in actors])
+def _report(pool: ReplicaPool, job: Job) -> tuple[float, float]:
+    reports = ray.get(pool.call_each(job, "report"))
     return max(busy for busy, _ in reports), max(rss for _, rss in reports)

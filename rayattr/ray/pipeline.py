@@ -1,4 +1,4 @@
-"""Ray Data plans: shards -> tokenize tasks -> GradientWorker actor pool -> LanceDB.
+"""Build plans: shards -> Ray Data tokenize tasks -> GradientWorker on the replica pool -> LanceDB.
 
 The driver only plans (shard list, table metadata, what is already written)
 and reads back a small summary row per document; vectors go from the actors
@@ -13,7 +13,6 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -26,16 +25,16 @@ from rayattr.grads.collector import select_modules
 from rayattr.grads.engine import GradientEngine, engine_for
 from rayattr.model import load_config, load_tokenizer, max_positions
 from rayattr.ray.progress import BuildProgress, count_summaries, summary_rows
+from rayattr.ray.replicas import TOKENIZE_CPUS, Job, replicas
 from rayattr.score import QueryPreprocess
 from rayattr.space import TableMeta
 from rayattr.store import GRADIENTS, Completion, GradientTable, table_exists
 
-DOCS_PER_WRITE = 256  # documents per Ray batch: the unit of retries and of the driver's progress
+DOCS_PER_WRITE = 256  # documents per replica call: the unit of retries and of the driver's progress
 # Table appends within a batch are bounded by tokens instead: a worker's first append covers one
 # token batch, so its first row lands one forward and backward after its model has loaded, and
 # later appends gather up to APPEND_TOKENS (few fragments; compaction merges them at the end).
 APPEND_TOKENS = 65_536
-TOKENIZE_CPUS = 0.5
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -68,40 +67,6 @@ def _probe(address: str, timeout: float = 5.0) -> None:
         raise ConnectionError(f"nothing answers at {address} ({exc})") from exc
 
 
-@dataclass(frozen=True)
-class WorkerResources:
-    """What one GradientWorker actor asks of Ray, and how many torch threads it runs."""
-
-    num_cpus: float
-    num_gpus: float
-    threads: int
-
-    @classmethod
-    def plan(cls, workers: int) -> WorkerResources:
-        """One GPU per actor when the cluster has GPUs; otherwise share the CPUs,
-        leaving room on every node for one tokenize task so the stream never starves
-        (free CPU fragmented across nodes would not fit a task)."""
-        resources = ray.cluster_resources()
-        cpus = resources.get("CPU", 1.0)
-        if resources.get("GPU", 0) >= 1:
-            return cls(num_cpus=1.0, num_gpus=1.0, threads=max(1, int(cpus // workers) - 1))
-        nodes = sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) > 0)
-        share = min(1.0, (cpus - TOKENIZE_CPUS * max(nodes, 1)) / workers)
-        if share <= 0:
-            raise RayattrError(f"the Ray cluster has {cpus} CPUs: too few for {workers} worker(s); lower --workers")
-        return cls(num_cpus=share, num_gpus=0.0, threads=max(1, int(cpus // workers)))
-
-    def pool(self, workers: int) -> dict:
-        """``map_batches`` arguments for a pool of ``workers`` actors, spread over the nodes
-        (model replicas on different nodes share no memory or GPU)."""
-        # Two batches in flight per actor keep it busy without letting the first actor
-        # to start take the whole queue while the others load their models.
-        # A dead actor is restarted and its batches retried (what it had committed is
-        # repaired by the final de-duplication), however often a preemptible node goes away.
-        return {"compute": ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2), "num_cpus": self.num_cpus,
-                "num_gpus": self.num_gpus, "scheduling_strategy": "SPREAD", "max_restarts": -1, "max_task_retries": -1}
-
-
 def read_and_tokenize(shards: pa.Table, data: DataSpec, tokenizer_name: str, revision: str | None, max_length: int) -> Iterator[pa.Table]:
     """Ray Data UDF: read each shard (skipping ids already written) and tokenize it."""
     tokenizer = load_tokenizer(tokenizer_name, revision)
@@ -116,7 +81,7 @@ def read_and_tokenize(shards: pa.Table, data: DataSpec, tokenizer_name: str, rev
 
 
 class GradientWorker:
-    """Actor holding a model replica: tokenized docs in, rows appended to LanceDB, summary out.
+    """A model replica on a Replica actor: tokenized docs in, rows appended to LanceDB, summary out.
 
     With ``query`` (``reduce``), rows are preconditioned and unit-normalized
     before they are written, and the table's metadata says so.
@@ -258,16 +223,10 @@ def replica_build(
     replicas; resumes an existing one. (``rayattr.ray.entry.build`` also runs ZeRO-3.)"""
     progress = BuildProgress(total_docs=0)
     items, shards = plan_build(run_path, spec, ray_address, table, progress, workers)
-    resources = WorkerResources.plan(workers)
     if items:
-        dataset = token_stream(spec, items).map_batches(
-            GradientWorker,
-            batch_size=docs_per_write,
-            batch_format="pyarrow",
-            **resources.pool(workers),
-            fn_constructor_kwargs=dict(spec=spec, run_path=run_path, threads=resources.threads, table=table, query=query),
-        )
-        drain(dataset, progress, on_progress)
+        pool = replicas(workers)
+        job = Job(GradientWorker, dict(spec=spec, run_path=run_path, threads=pool.resources.threads, table=table, query=query))
+        drain(pool.map(job, token_stream(spec, items), docs_per_write), progress, on_progress)
     finish_build(run_path, table, progress, shards)
     progress.finish()
     return progress
@@ -299,10 +258,10 @@ def completion(table: str, shards: list[Shard], progress: BuildProgress) -> Comp
                                 progress.non_finite_ids)
 
 
-def drain(dataset: ray.data.Dataset, progress: BuildProgress, on_progress: Callable[[BuildProgress], None] | None) -> None:
-    """Run a plan whose workers return summary rows, counting them into ``progress``."""
+def drain(summaries: Iterable[pa.Table], progress: BuildProgress, on_progress: Callable[[BuildProgress], None] | None) -> None:
+    """Run a pass whose workers return summary rows, counting them into ``progress``."""
     with user_errors():
-        count_summaries(dataset.iter_batches(batch_size=None, batch_format="pyarrow"), progress, on_progress)
+        count_summaries(summaries, progress, on_progress)
 
 
 @contextmanager

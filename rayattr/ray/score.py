@@ -2,8 +2,8 @@
 
 ``reduce`` is a build whose workers precondition and unit-normalize rows
 before writing them, followed by a streaming aggregation. ``score`` puts the
-query vectors in the object store once and streams the training set through a
-``ScoringWorker`` pool: either tokenized documents (gradients computed on the
+query vectors in the object store once and streams the training set through
+``ScoringWorker``s on the replica pool: either tokenized documents (gradients computed on the
 fly, nothing stored but scores) or batches of an existing gradient table.
 Top-k per query is cut per block on the workers and merged on the driver.
 """
@@ -25,10 +25,9 @@ from rayattr.config import RayattrError, RunSpec, stable_hash
 from rayattr.data import TokenizedDocs
 from rayattr.grads.engine import GradientEngine, engine_for
 from rayattr.hessian.precondition import Preconditioner
-from rayattr.ray.pipeline import (
-    TOKENIZE_CPUS, WorkerResources, completion, drain, ensure_ray, prepare, replica_build, resume_plan, token_stream,
-)
+from rayattr.ray.pipeline import completion, drain, ensure_ray, prepare, replica_build, resume_plan, token_stream
 from rayattr.ray.progress import BuildProgress, summary_rows
+from rayattr.ray.replicas import TOKENIZE_CPUS, Job, replicas
 from rayattr.score import Aggregation, Preprocess, QueryPreprocess, Scorer, ScoreMode, aggregate, check_mode
 from rayattr.space import TableMeta
 from rayattr.store import (
@@ -175,7 +174,7 @@ def _query_preconditioning(query_path: str, meta: TableMeta, wanted: Preconditio
 
 
 class ScoringWorker:
-    """Actor scoring batches of training rows against the broadcast queries.
+    """Scores batches of training rows (on a Replica actor) against the broadcast queries.
 
     With ``spec`` it holds a model replica and computes gradients on the fly;
     without, batches are rows of a gradient table.
@@ -281,7 +280,6 @@ def score(
     outputs = [SCORES] + [TOKEN_SCORES] * settings.per_token + [GRADIENTS] * (spec is not None and settings.keep_gradients)
     for name in outputs:
         Completion.clear(run_path, name)
-    resources = WorkerResources.plan(workers)
     if spec is not None:
         items = resume_plan(shards, table.iter_ids())
         progress.total_docs = sum(s["num_rows"] - len(s["done_ids"]) for s in items)
@@ -291,13 +289,10 @@ def score(
     if dataset is not None and group is not None:
         group(spec, dataset, ray.put(queries), progress)
     elif dataset is not None:
-        dataset = dataset.map_batches(
-            ScoringWorker, batch_size=docs_per_write if spec is not None else INDEX_ROWS_PER_BATCH, batch_format="pyarrow",
-            **resources.pool(workers),
-            fn_constructor_kwargs={"run_path": run_path, "threads": resources.threads, "queries": ray.put(queries),
-                                   "settings": settings, "spec": spec},
-        )
-        drain(dataset, progress, on_progress)
+        pool = replicas(workers)
+        job = Job(ScoringWorker, {"run_path": run_path, "threads": pool.resources.threads, "queries": ray.put(queries),
+                                  "settings": settings, "spec": spec})
+        drain(pool.map(job, dataset, docs_per_write if spec is not None else INDEX_ROWS_PER_BATCH), progress, on_progress)
     for name in outputs:
         if not table_exists(run_path, name):  # kept gradients: no worker started
             continue

@@ -38,10 +38,11 @@ from rayattr.hessian.methods import FitSummary, StatsPass, check_method, fit_sta
 from rayattr.hessian.stats import Sums
 from rayattr.ray.fit import DOCS_PER_STEP, same_meta
 from rayattr.ray.lockstep import Step, run_lockstep
-from rayattr.ray.pipeline import (DOCS_PER_WRITE, GradientWorker, WorkerResources, finish_build, plan_build, prepare,
-                                  shard_items, token_stream, user_errors)
+from rayattr.ray.pipeline import (DOCS_PER_WRITE, GradientWorker, finish_build, plan_build, prepare, shard_items,
+                                  token_stream, user_errors)
 from rayattr.ray.progress import BuildProgress, count_summaries, peak_rss_mb
 from rayattr.ray.reduce import eigh_all, tree_reduce
+from rayattr.ray.replicas import WorkerResources, release_replicas
 from rayattr.ray.score import ScoringWorker
 from rayattr.space import TableMeta
 from rayattr.store import GRADIENTS, SCORES, committed_ids
@@ -277,6 +278,7 @@ class _WholeSplit(DataConfig):
 
 def _run_group(spec: RunSpec, dataset: ray.data.Dataset, workers: int, job: _Job, mailbox: Any) -> None:
     """Run ``job`` on a ZeRO-3 worker group over ``dataset`` (a token stream)."""
+    release_replicas()  # the group needs the CPUs (GPUs) a warm replica pool holds
     resources = WorkerResources.plan(workers)
     per_worker = {"CPU": resources.num_cpus} | ({"GPU": resources.num_gpus} if resources.num_gpus else {})
     trainer = TorchTrainer(

@@ -1,0 +1,174 @@
+"""A pool of model-replica actors that every pass of one driver reuses.
+
+Starting an actor costs seconds before it does any work: a new process
+imports torch, transformers, Ray Data and LanceDB, then loads the model.
+Ray Data's actor pools start new actors for every dataset, so a TrackStar
+run or a test session would pay that once per pass. Here the actors stay
+up for the life of the driver (or until another pass needs their CPUs or
+GPUs) and serve any pass: each call carries a ``Job`` (a worker class and
+its arguments) and a replica builds that worker the first time it sees the
+job, so only the model load is repeated, never the imports.
+
+Batches are slices of the token stream's blocks, sent by reference: the
+driver only handles object refs and the small summary each call returns.
+A killed replica is restarted by Ray and its calls retried (``run``), so a
+build loses no row; what it had already committed is repaired by the
+pass's final de-duplication.
+"""
+
+from __future__ import annotations
+
+import gc
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import ray
+import torch
+
+from rayattr.config import RayattrError
+
+TOKENIZE_CPUS = 0.5
+IN_FLIGHT_PER_REPLICA = 2  # keeps a replica busy without letting the first one up take the whole queue
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    """What one replica asks of Ray, and how many torch threads it runs."""
+
+    num_cpus: float
+    num_gpus: float
+    threads: int
+
+    @classmethod
+    def plan(cls, workers: int) -> WorkerResources:
+        """One GPU per replica when the cluster has GPUs; otherwise share the CPUs,
+        leaving room on every node for one tokenize task so the stream never starves
+        (free CPU fragmented across nodes would not fit a task)."""
+        resources = ray.cluster_resources()
+        cpus = resources.get("CPU", 1.0)
+        if resources.get("GPU", 0) >= 1:
+            return cls(num_cpus=1.0, num_gpus=1.0, threads=max(1, int(cpus // workers) - 1))
+        nodes = sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) > 0)
+        share = min(1.0, (cpus - TOKENIZE_CPUS * max(nodes, 1)) / workers)
+        if share <= 0:
+            raise RayattrError(f"the Ray cluster has {cpus} CPUs: too few for {workers} worker(s); lower --workers")
+        return cls(num_cpus=share, num_gpus=0.0, threads=max(1, int(cpus // workers)))
+
+
+@dataclass(frozen=True)
+class Job:
+    """The worker a pass runs on every replica: ``factory(**kwargs)``, called on each batch.
+
+    ``key`` is new for every job, so a replica never serves a pass with the
+    worker of another."""
+
+    factory: Callable[..., Any]
+    kwargs: dict[str, Any]
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@ray.remote
+class Replica:
+    """One long-lived process holding the worker of the job it last served."""
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.worker: Any = None
+
+    def _worker(self, job: Job) -> Any:
+        if job.key != self.key:
+            self.worker = self.key = None  # the previous job's model goes before the next one loads
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.worker, self.key = job.factory(**job.kwargs), job.key
+        return self.worker
+
+    def run(self, job: Job, block: pa.Table, start: int, stop: int) -> pa.Table:
+        """The job's worker on rows ``[start, stop)`` of a block (retried on a restarted replica)."""
+        return self._worker(job)(block.slice(start, stop - start))
+
+    @ray.method(max_task_retries=0)
+    def call(self, job: Job, method: str, *args: Any) -> Any:
+        """Any method of the job's worker; never retried (a consumed stream cannot be replayed)."""
+        return getattr(self._worker(job), method)(*args)
+
+
+class ReplicaPool:
+    """``size`` replicas with the same resources, spread over the nodes."""
+
+    def __init__(self, resources: WorkerResources, size: int) -> None:
+        self.resources, self.size = resources, size
+        self.driver = ray.get_runtime_context().get_worker_id()
+        # Model replicas on different nodes share no memory or GPU; a dead replica is
+        # restarted and its calls retried, however often a preemptible node goes away.
+        self.actors = [Replica.options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
+                                       scheduling_strategy="SPREAD", max_restarts=-1, max_task_retries=-1).remote()
+                       for _ in range(size)]
+
+    def serves(self, resources: WorkerResources, size: int) -> bool:
+        """Whether this pool fits a pass asking for ``size`` replicas with ``resources`` on this Ray."""
+        return (self.resources, self.size) == (resources, size) and self.driver == _driver_id()
+
+    def map(self, job: Job, dataset: ray.data.Dataset, batch_size: int) -> Iterator[pa.Table]:
+        """The job's worker over ``dataset`` in batches of at most ``batch_size`` rows, results as they
+        finish (completion order). A batch never spans two blocks."""
+        job_ref = ray.put(job)
+        pending: dict[ray.ObjectRef, int] = {}
+        load = [0] * self.size
+        for bundle in dataset.iter_internal_ref_bundles():
+            for entry, piece in zip(bundle.blocks, bundle.slices):
+                start, stop = (piece.start_offset, piece.end_offset) if piece else (0, entry.metadata.num_rows)
+                for first in range(start, stop, batch_size):
+                    while len(pending) >= IN_FLIGHT_PER_REPLICA * self.size:
+                        yield _finished(pending, load)
+                    least = min(range(self.size), key=load.__getitem__)
+                    call = self.actors[least].run.remote(job_ref, entry.ref, first, min(first + batch_size, stop))
+                    pending[call], load[least] = least, load[least] + 1
+        while pending:
+            yield _finished(pending, load)
+
+    def call_each(self, job: Job, method: str, args: list[tuple] | None = None) -> list[ray.ObjectRef]:
+        """``method`` of the job's worker on every replica, the i-th with ``args[i]`` (default: none)."""
+        job_ref = ray.put(job)
+        return [actor.call.remote(job_ref, method, *(args[i] if args else ()))
+                for i, actor in enumerate(self.actors)]
+
+    def kill(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+
+def _finished(pending: dict[ray.ObjectRef, int], load: list[int]) -> pa.Table:
+    """The result of the next call to finish."""
+    (done,), _ = ray.wait(list(pending), num_returns=1)
+    load[pending.pop(done)] -= 1
+    return ray.get(done)
+
+
+def _driver_id() -> str:
+    return ray.get_runtime_context().get_worker_id()
+
+
+_warm: ReplicaPool | None = None
+
+
+def replicas(workers: int) -> ReplicaPool:
+    """The driver's warm pool when it fits a pass of ``workers`` replicas, else a new one in its place."""
+    global _warm
+    resources = WorkerResources.plan(workers)
+    if _warm is None or not _warm.serves(resources, workers):
+        release_replicas()
+        _warm = ReplicaPool(resources, workers)
+    return _warm
+
+
+def release_replicas() -> None:
+    """Stop the warm pool (if any), freeing its CPUs and GPUs for actors of another kind."""
+    global _warm
+    if _warm is not None and ray.is_initialized() and _warm.driver == _driver_id():
+        _warm.kill()
+    _warm = None
