@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -28,6 +29,14 @@ LossReduction = Literal["sum", "mean"]
 
 
 ZERO_STAGES = (0, 3)  # 0: a model replica per worker; 3: parameters partitioned over the workers
+
+
+VERBOSE_ENV = "RAYATTR_VERBOSE"  # set by ``rayattr --verbose``; Ray workers and job drivers inherit it
+
+
+def verbose() -> bool:
+    """Whether third-party logs and progress bars (Ray, transformers) are shown; rayattr's own output always is."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
 class RayattrError(Exception):

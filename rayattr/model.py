@@ -10,9 +10,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rayattr.config import ModelSpec, RayattrError, stable_hash
+from rayattr.config import ModelSpec, RayattrError, stable_hash, verbose
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def quiet_transformers() -> None:
+    """transformers' warnings and weight-loading bars only with ``--verbose`` (``config.verbose``)."""
+    from transformers.utils import logging as hf_logging
+
+    if verbose():
+        hf_logging.set_verbosity_warning()
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
 
 def resolve_device(device: str) -> torch.device:
@@ -25,6 +37,7 @@ def resolve_device(device: str) -> torch.device:
 def load_config(spec: ModelSpec):
     """The model's config alone: a cheap early check that the model exists."""
     from transformers import AutoConfig
+    quiet_transformers()
 
     try:
         return AutoConfig.from_pretrained(spec.model, revision=spec.revision)
@@ -39,7 +52,7 @@ def load_model(spec: ModelSpec) -> nn.Module:
     """The causal LM in eval mode on its device, every parameter frozen."""
     from transformers import AutoModelForCausalLM
 
-    config = load_config(spec)
+    config = load_config(spec)  # (quiets transformers)
     kwargs = {"revision": spec.revision, "dtype": _DTYPES[spec.precision]}
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
@@ -55,6 +68,7 @@ def load_model(spec: ModelSpec) -> nn.Module:
 def load_tokenizer(name: str, revision: str | None = None):
     """The model's tokenizer, once per process; a pad token is added if missing."""
     from transformers import AutoTokenizer
+    quiet_transformers()
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,6 +14,7 @@ from typer.testing import CliRunner
 
 from rayattr.api import open_index
 from rayattr.cli import app
+from rayattr.config import VERBOSE_ENV, verbose
 
 runner = CliRunner()
 
@@ -28,6 +33,28 @@ def test_build_writes_the_table(ray_session, tmp_path, offline_fixture):
     assert vectors.dtype == np.float16 and vectors.shape[1] == index.meta.dim == 4 * 4 * len(index.meta.modules)
     assert np.isfinite(vectors).all() and np.abs(vectors).sum(1).min() > 0
     assert "rows written" in result.output and "64" in result.output
+
+
+def test_default_output_is_rayattrs_own(tmp_path, offline_fixture):
+    """Without --verbose a command prints no Ray log line and no transformers bar (a child
+    process: this session's Ray is already started)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", VERBOSE_ENV)}
+    done = subprocess.run([sys.executable, "-m", "rayattr", "build", str(tmp_path / "run"), "--model", str(offline_fixture.neox),
+                           "--dataset", str(offline_fixture.train), "--split", "train[:4]", "--projection-dim", "4"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "rows written" in done.stdout
+    output = done.stdout + done.stderr
+    for noise in (" INFO ", " WARNING ", "Loading weights", "(Replica pid="):
+        assert noise not in output, output[-2000:]
+
+
+def test_verbose_flag_reaches_every_library(tmp_path, monkeypatch):
+    monkeypatch.setenv(VERBOSE_ENV, "0")  # restored when the test ends
+    assert not verbose()
+    result = runner.invoke(app, ["--verbose", "fixture", str(tmp_path / "fx")])
+    assert result.exit_code == 0, result.output
+    assert verbose()  # the environment Ray workers and transformers' loaders read
 
 
 def test_fixture_command_reports_paths(tmp_path):

@@ -8,6 +8,7 @@ straight into the table, in committed appends bounded by tokens (``APPEND_TOKENS
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import socket
 import time
@@ -19,7 +20,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from rayattr.config import DataSpec, GradSpec, RayattrError, RunSpec
+from rayattr.config import DataSpec, GradSpec, RayattrError, RunSpec, verbose
 from rayattr.data import Shard, TokenizedDocs, balance_shards, plan_shards, read_shard, tokenize
 from rayattr.grads.collector import select_modules
 from rayattr.grads.engine import GradientEngine, engine_for
@@ -43,14 +44,17 @@ def ensure_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    # Ray's own logs and the workers' output (transformers' bars...) only with --verbose.
+    quiet = {"log_to_driver": verbose(), "logging_level": logging.INFO if verbose() else logging.ERROR}
     try:
         if address and address != "local":
             _probe(address)
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, **quiet)
         else:  # "local": a new embedded Ray even where another one runs on this machine
-            ray.init(address=address, include_dashboard=False, log_to_driver=True)
+            ray.init(address=address, include_dashboard=False, **quiet)
     except ConnectionError as exc:
         raise RayattrError(f"cannot reach a Ray cluster at {address!r} ({exc}); check --ray-address / RAY_ADDRESS") from exc
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose() else logging.ERROR)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False

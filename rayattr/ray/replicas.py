@@ -98,20 +98,14 @@ class Replica:
 
 
 class ReplicaPool:
-    """``size`` replicas with the same resources, spread over the nodes."""
+    """The replicas one pass runs on, and the resources it planned for each (its torch threads)."""
 
-    def __init__(self, resources: WorkerResources, size: int) -> None:
-        self.resources, self.size = resources, size
-        self.driver = ray.get_runtime_context().get_worker_id()
-        # Model replicas on different nodes share no memory or GPU; a dead replica is
-        # restarted and its calls retried, however often a preemptible node goes away.
-        self.actors = [Replica.options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
-                                       scheduling_strategy="SPREAD", max_restarts=-1, max_task_retries=-1).remote()
-                       for _ in range(size)]
+    def __init__(self, actors: list, resources: WorkerResources) -> None:
+        self.actors, self.resources = actors, resources
 
-    def serves(self, resources: WorkerResources, size: int) -> bool:
-        """Whether this pool fits a pass asking for ``size`` replicas with ``resources`` on this Ray."""
-        return (self.resources, self.size) == (resources, size) and self.driver == _driver_id()
+    @property
+    def size(self) -> int:
+        return len(self.actors)
 
     def map(self, job: Job, dataset: ray.data.Dataset, batch_size: int) -> Iterator[pa.Table]:
         """The job's worker over ``dataset`` in batches of at most ``batch_size`` rows, results as they
@@ -137,9 +131,6 @@ class ReplicaPool:
         return [actor.call.remote(job_ref, method, *(args[i] if args else ()))
                 for i, actor in enumerate(self.actors)]
 
-    def kill(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
 
 
 def _finished(pending: dict[ray.ObjectRef, int], load: list[int]) -> pa.Table:
@@ -153,22 +144,45 @@ def _driver_id() -> str:
     return ray.get_runtime_context().get_worker_id()
 
 
-_warm: ReplicaPool | None = None
+@dataclass
+class _Warm:
+    """The driver's replica actors: ``resources`` each, on the Ray its driver ``driver`` started or joined."""
+
+    resources: WorkerResources
+    driver: str
+    actors: list
+
+    @classmethod
+    def start(cls, resources: WorkerResources, size: int) -> _Warm:
+        # Model replicas on different nodes share no memory or GPU; a dead replica is
+        # restarted and its calls retried, however often a preemptible node goes away.
+        return cls(resources, _driver_id(), [
+            Replica.options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, scheduling_strategy="SPREAD",
+                            max_restarts=-1, max_task_retries=-1).remote() for _ in range(size)])
+
+    def serves(self, resources: WorkerResources, size: int) -> bool:
+        """Whether ``size`` of these actors can run a pass planned with ``resources``: as many or fewer
+        than there are (a smaller pass leaves the rest idle), the same GPUs each, on this Ray."""
+        return size <= len(self.actors) and resources.num_gpus == self.resources.num_gpus and self.driver == _driver_id()
+
+
+_warm: _Warm | None = None
 
 
 def replicas(workers: int) -> ReplicaPool:
-    """The driver's warm pool when it fits a pass of ``workers`` replicas, else a new one in its place."""
+    """``workers`` of the driver's warm replicas; new ones in their place when they are too few."""
     global _warm
     resources = WorkerResources.plan(workers)
     if _warm is None or not _warm.serves(resources, workers):
         release_replicas()
-        _warm = ReplicaPool(resources, workers)
-    return _warm
+        _warm = _Warm.start(resources, workers)
+    return ReplicaPool(_warm.actors[:workers], resources)
 
 
 def release_replicas() -> None:
-    """Stop the warm pool (if any), freeing its CPUs and GPUs for actors of another kind."""
+    """Stop the warm replicas (if any), freeing their CPUs and GPUs for actors of another kind."""
     global _warm
     if _warm is not None and ray.is_initialized() and _warm.driver == _driver_id():
-        _warm.kill()
+        for actor in _warm.actors:
+            ray.kill(actor, no_restart=True)
     _warm = None
