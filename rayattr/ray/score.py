@@ -363,7 +363,8 @@ def write_topk(run_path: str, top: TopK, query_ids: np.ndarray, meta: ScoreMeta)
     """The ``topk`` table (``query_id, rank, id, score``), replaced whole."""
     rows = top.to_arrow(query_ids)
     rows = rows.replace_schema_metadata({META_KEY: meta.to_json()})
-    connect(run_path).create_table(TOPK, rows, mode="overwrite")
+    # "overwrite" only over an existing table: lance warns when it overwrites nothing
+    connect(run_path).create_table(TOPK, rows, mode="overwrite" if table_exists(run_path, TOPK) else "create")
 
 
 def read_topk(run_path: str) -> tuple[TopK, np.ndarray]:
