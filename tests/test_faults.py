@@ -20,6 +20,7 @@ import numpy as np
 import psutil
 import pyarrow.parquet as pq
 import pytest
+import ray
 from helpers import assert_rows_close, read_scores
 
 from rayattr.api import collect_in_process, open_index
@@ -27,6 +28,7 @@ from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
 from rayattr.hessian.factors import load_stats
 from rayattr.ray.entry import build, fit, score
 from rayattr.ray.progress import BuildProgress
+from rayattr.ray.replicas import release_replicas
 from rayattr.ray.score import ScoreSettings, reduce
 from rayattr.store import Completion
 
@@ -123,7 +125,10 @@ def test_killed_fit_resumes_from_its_checkpoints(ray_session, tmp_path, spec):
                        GradSpec(projection_dim=4, token_batch_size=64))
         fit({str(out)!r}, spec, "ekfac", checkpoint_seconds=0.0)  # a checkpoint after every step
     """)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # The child joins this session's Ray (starting a second one costs seconds); its replica needs
+    # the CPUs this session's warm replicas hold.
+    release_replicas()
+    env = os.environ | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     child = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
