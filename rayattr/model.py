@@ -37,6 +37,7 @@ def resolve_device(device: str) -> torch.device:
 def load_config(spec: ModelSpec):
     """The model's config alone: a cheap early check that the model exists."""
     from transformers import AutoConfig
+
     quiet_transformers()
 
     try:
@@ -52,7 +53,7 @@ def load_model(spec: ModelSpec) -> nn.Module:
     """The causal LM in eval mode on its device, every parameter frozen."""
     from transformers import AutoModelForCausalLM
 
-    config = load_config(spec)  # (quiets transformers)
+    config = load_config(spec)  # also quiets transformers unless --verbose
     kwargs = {"revision": spec.revision, "dtype": _DTYPES[spec.precision]}
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
@@ -68,6 +69,7 @@ def load_model(spec: ModelSpec) -> nn.Module:
 def load_tokenizer(name: str, revision: str | None = None):
     """The model's tokenizer, once per process; a pad token is added if missing."""
     from transformers import AutoTokenizer
+
     quiet_transformers()
 
     try:

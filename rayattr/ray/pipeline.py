@@ -45,7 +45,8 @@ def ensure_ray(address: str | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     # Ray's own logs and the workers' output (transformers' bars...) only with --verbose.
-    quiet = {"log_to_driver": verbose(), "logging_level": logging.INFO if verbose() else logging.ERROR}
+    level = logging.INFO if verbose() else logging.ERROR
+    quiet = {"log_to_driver": verbose(), "logging_level": level}
     try:
         if address and address != "local":
             _probe(address)
@@ -54,7 +55,7 @@ def ensure_ray(address: str | None = None) -> None:
             ray.init(address=address, include_dashboard=False, **quiet)
     except ConnectionError as exc:
         raise RayattrError(f"cannot reach a Ray cluster at {address!r} ({exc}); check --ray-address / RAY_ADDRESS") from exc
-    logging.getLogger("ray.data").setLevel(logging.INFO if verbose() else logging.ERROR)
+    logging.getLogger("ray.data").setLevel(level)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
