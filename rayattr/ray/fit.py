@@ -1,7 +1,8 @@
 """Statistics passes on Ray: StatsWorkers on the replica pool accumulate, Ray tasks reduce and decompose.
 
-The token stream is split between the replicas with ``streaming_split``; each
-keeps one model and float64 partial sums, and returns only those sums. EK-FAC
+The driver deals the token stream's batches out to the replicas (the least
+busy first); each keeps one model and float64 partial sums, and returns only
+those sums at the end of the pass. EK-FAC
 runs a second pass over the same workers with the K-FAC eigenbases broadcast
 through the object store.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
+import pyarrow as pa
 import ray
 import torch
 
@@ -21,7 +23,7 @@ from rayattr.grads.normalizer import NormalizerKind
 from rayattr.hessian.methods import FitSummary, StatsPass, check_method, fit_statistics
 from rayattr.hessian.stats import Sums
 from rayattr.ray.checkpoint import PartialWriter, load_partials, pass_directory, remove_partials
-from rayattr.ray.pipeline import prepare, resume_plan, token_stream
+from rayattr.ray.pipeline import prepare, resume_plan, token_stream, user_errors
 from rayattr.ray.progress import peak_rss_mb
 from rayattr.ray.reduce import eigh_all, tree_reduce
 from rayattr.ray.replicas import Job, ReplicaPool, replicas
@@ -32,27 +34,46 @@ CHECKPOINT_SECONDS = 60.0  # how often a worker saves its partial sums
 
 
 class StatsWorker:
-    """A model replica that turns a stream of tokenized docs into partial sums."""
+    """A model replica that turns the batches of tokenized docs it is sent into partial sums.
+
+    A pass is ``begin``, batches (``__call__``), ``finish``: the sums live in
+    this actor between calls, so batch calls are never retried (a restarted
+    replica has lost them; the rerun resumes from the checkpoints).
+    """
 
     def __init__(self, spec: RunSpec, threads: int) -> None:
         torch.set_num_threads(threads)
         self.engine, self.meta = engine_for(spec)
         self.busy_seconds = 0.0
+        self.stats: StatsPass | None = None
+        self.checkpoints: PartialWriter | None = None
 
-    def consume(self, stream, method: str, eigenbases: Sums | None, checkpoints: PartialWriter) -> Sums:
-        """Partial sums over this actor's split, checkpointed as they grow."""
-        stats = StatsPass(self.engine, method, eigenbases)
-        try:
-            for batch in stream.iter_batches(batch_size=DOCS_PER_STEP, batch_format="pyarrow"):
-                docs = TokenizedDocs.from_arrow(batch)
-                started = time.perf_counter()
-                stats(docs)
-                checkpoints.covered(docs.ids)
-                checkpoints.maybe_save(stats.accumulator.sums)
-                self.busy_seconds += time.perf_counter() - started
-            checkpoints.maybe_save(stats.accumulator.sums, force=True)
-        finally:
-            sums = stats.close()
+    def begin(self, method: str, eigenbases: Sums | None, checkpoints: PartialWriter) -> None:
+        """Start a pass with zero sums, checkpointed to ``checkpoints``."""
+        if self.stats is not None:
+            self.stats.close()  # a pass that failed half-way must not keep its hooks
+        self.stats, self.checkpoints = StatsPass(self.engine, method, eigenbases), checkpoints
+
+    def __call__(self, batch: pa.Table) -> int:
+        """Add a batch to the running sums (and maybe checkpoint them); returns its document count."""
+        if self.stats is None or self.checkpoints is None:
+            raise RayattrError("a statistics worker restarted in the middle of a pass and lost its sums; "
+                               "rerun the fit: it resumes from its checkpoints")
+        docs = TokenizedDocs.from_arrow(batch)
+        started = time.perf_counter()
+        self.stats(docs)
+        self.checkpoints.covered(docs.ids)
+        self.checkpoints.maybe_save(self.stats.accumulator.sums)
+        self.busy_seconds += time.perf_counter() - started
+        return len(docs.ids)
+
+    def finish(self) -> Sums:
+        """The pass's partial sums, checkpointed a last time."""
+        if self.stats is None or self.checkpoints is None:
+            raise RayattrError("a statistics worker restarted at the end of a pass and lost its sums; "
+                               "rerun the fit: it resumes from its checkpoints")
+        self.checkpoints.maybe_save(self.stats.accumulator.sums, force=True)
+        sums, self.stats, self.checkpoints = self.stats.close(), None, None
         return sums
 
     def table_meta(self) -> TableMeta:
@@ -76,7 +97,7 @@ class _Passes:
     resumed: int = 0  # documents whose sums came from checkpoints of an interrupted run
 
     def __call__(self, method: str, eigenbases: Sums | None = None) -> tuple[Sums, TableMeta]:
-        """One pass: the documents no checkpoint covers, split between the actors; old and
+        """One pass: the documents no checkpoint covers, dealt out to the actors batch by batch; old and
         new partial sums reduced in a tree."""
         directory = pass_directory(self.out_dir, self.spec, method, eigenbases)
         restored = load_partials(directory)
@@ -84,10 +105,13 @@ class _Passes:
         items = resume_plan(self.shards, (p.ids for p in restored))
         partials = [ray.put(p.sums) for p in restored]
         if items:
-            splits = token_stream(self.spec, items).streaming_split(self.pool.size, equal=False)
             bases = ray.put(eigenbases) if eigenbases is not None else None
-            partials += self.pool.call_each(self.job, "consume", [
-                (split, method, bases, PartialWriter(directory, self.checkpoint_seconds)) for split in splits])
+            ray.get(self.pool.call_each(self.job, "begin", [
+                (method, bases, PartialWriter(directory, self.checkpoint_seconds)) for _ in range(self.pool.size)]))
+            with user_errors():
+                for _ in self.pool.map(self.job, token_stream(self.spec, items), DOCS_PER_STEP, retried=False):
+                    pass
+                partials += self.pool.call_each(self.job, "finish")
         meta = same_meta(ray.get(self.pool.call_each(self.job, "table_meta")))
         return ray.get(tree_reduce(partials)), meta
 

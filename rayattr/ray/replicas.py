@@ -92,8 +92,14 @@ class Replica:
         return self._worker(job)(block.slice(start, stop - start))
 
     @ray.method(max_task_retries=0)
+    def run_once(self, job: Job, block: pa.Table, start: int, stop: int) -> Any:
+        """``run`` for workers that keep state across batches (partial sums): a restarted replica
+        has lost that state, so the call fails instead of being retried."""
+        return self.run(job, block, start, stop)
+
+    @ray.method(max_task_retries=0)
     def call(self, job: Job, method: str, *args: Any) -> Any:
-        """Any method of the job's worker; never retried (a consumed stream cannot be replayed)."""
+        """Any method of the job's worker; never retried (it may start or end a stateful pass)."""
         return getattr(self._worker(job), method)(*args)
 
 
@@ -107,9 +113,10 @@ class ReplicaPool:
     def size(self) -> int:
         return len(self.actors)
 
-    def map(self, job: Job, dataset: ray.data.Dataset, batch_size: int) -> Iterator[pa.Table]:
+    def map(self, job: Job, dataset: ray.data.Dataset, batch_size: int, retried: bool = True) -> Iterator[Any]:
         """The job's worker over ``dataset`` in batches of at most ``batch_size`` rows, results as they
-        finish (completion order). A batch never spans two blocks."""
+        finish (completion order). A batch never spans two blocks. ``retried=False``: a batch whose
+        replica dies fails the pass (``run_once``)."""
         job_ref = ray.put(job)
         pending: dict[ray.ObjectRef, int] = {}
         load = [0] * self.size
@@ -120,7 +127,9 @@ class ReplicaPool:
                     while len(pending) >= IN_FLIGHT_PER_REPLICA * self.size:
                         yield _finished(pending, load)
                     least = min(range(self.size), key=load.__getitem__)
-                    call = self.actors[least].run.remote(job_ref, entry.ref, first, min(first + batch_size, stop))
+                    actor = self.actors[least]
+                    method = actor.run if retried else actor.run_once
+                    call = method.remote(job_ref, entry.ref, first, min(first + batch_size, stop))
                     pending[call], load[least] = least, load[least] + 1
         while pending:
             yield _finished(pending, load)
@@ -132,8 +141,7 @@ class ReplicaPool:
                 for i, actor in enumerate(self.actors)]
 
 
-
-def _finished(pending: dict[ray.ObjectRef, int], load: list[int]) -> pa.Table:
+def _finished(pending: dict[ray.ObjectRef, int], load: list[int]) -> Any:
     """The result of the next call to finish."""
     (done,), _ = ray.wait(list(pending), num_returns=1)
     load[pending.pop(done)] -= 1
