@@ -14,6 +14,7 @@ from rayattr.hessian.factors import load_stats
 from rayattr.ray.entry import build, fit, score
 from rayattr.ray.score import ScoreSettings, reduce
 from rayattr.ray.zero import ZeroBuildProgress
+from rayattr.topk import TopK
 
 WORKERS = 2
 
@@ -29,6 +30,41 @@ def three_shards(tmp_path_factory, offline_fixture) -> str:
 def _spec(offline_fixture, dataset: str, split: str = "train") -> RunSpec:
     return RunSpec(ModelSpec(str(offline_fixture.neox)), DataSpec(dataset, split=split),
                    GradSpec(projection_dim=4, token_batch_size=256))
+
+
+# The tests that also run model replicas come first: each ZeRO group stops the warm replicas.
+def test_zero_kfac_equals_replica_kfac(ray_session, tmp_path, offline_fixture):
+    # One shard: one worker gets every document, the other only idle passes.
+    spec = _spec(offline_fixture, str(offline_fixture.train), split="train[:24]")
+    fit(str(tmp_path / "replica"), spec, "kfac", workers=1)  # first: on the session's warm replicas
+    zero_summary = fit(str(tmp_path / "zero"), spec, "kfac", workers=WORKERS, zero_stage=3)
+    (zero, zero_manifest), (replica, replica_manifest) = load_stats(tmp_path / "zero"), load_stats(tmp_path / "replica")
+    assert zero_manifest["fingerprint"] == replica_manifest["fingerprint"]
+    assert zero_manifest["tokens"] == replica_manifest["tokens"] == zero_summary.tokens > 0
+    for name, tensors in replica.items():
+        for key in ("A", "S"):
+            scale = tensors[key].abs().max()
+            assert float((zero[name][key] - tensors[key]).abs().max() / scale) <= 1e-6
+        assert torch.allclose(zero[name]["a_values"], tensors["a_values"], rtol=1e-5, atol=1e-8 * tensors["a_values"].max())
+
+
+def test_zero_on_the_fly_scores_equal_brute_force_scores(ray_session, tmp_path, offline_fixture, three_shards):
+    spec = _spec(offline_fixture, three_shards)
+    queries = RunSpec(spec.model, DataSpec(str(offline_fixture.queries), split="train[:3]", prompt_column="prompt",
+                                           completion_column="completion"), spec.grads)
+    reduce(str(tmp_path / "query"), queries, aggregation="none", unit_normalize=True)
+    settings = ScoreSettings(unit_normalize=True, top_k=5)
+    zero = score(str(tmp_path / "zero"), str(tmp_path / "query"), settings, spec=spec, workers=WORKERS,
+                 docs_per_write=4, zero_stage=3)
+    # Cosine of in-process rows (which replica builds equal) with the unit query rows.
+    train = np.concatenate([rows.grads for _, rows in collect_in_process(spec)]).astype(np.float64)
+    _, unit_queries = open_index(str(tmp_path / "query")).read_matrix()
+    expected = (train / np.linalg.norm(train, axis=1, keepdims=True)) @ unit_queries.T
+    zero_ids, zero_scores = read_scores(str(tmp_path / "zero"))
+    np.testing.assert_array_equal(zero_ids, np.arange(24))
+    assert np.abs(zero_scores - expected).max() <= 1e-5 * np.abs(expected).max()
+    np.testing.assert_array_equal(zero.topk.ids, TopK.of_block(5, zero_ids, expected).ids)
+    assert zero.progress.written == 24 and zero.progress.duplicates_removed == 0
 
 
 @pytest.fixture(scope="module")
@@ -60,38 +96,6 @@ def test_each_worker_holds_only_its_partition_and_steps_in_lockstep(zero_run):
     assert sum(r.partition_numel for r in reports) >= reports[0].model_numel  # together they hold it all
     assert len({r.passes + r.idle_passes for r in reports}) == 1  # the same number of collectives
     assert all(r.passes > 0 for r in reports)  # both had documents
-
-
-def test_zero_kfac_equals_replica_kfac(ray_session, tmp_path, offline_fixture):
-    # One shard: one worker gets every document, the other only idle passes.
-    spec = _spec(offline_fixture, str(offline_fixture.train), split="train[:24]")
-    zero_summary = fit(str(tmp_path / "zero"), spec, "kfac", workers=WORKERS, zero_stage=3)
-    fit(str(tmp_path / "replica"), spec, "kfac", workers=1)
-    (zero, zero_manifest), (replica, replica_manifest) = load_stats(tmp_path / "zero"), load_stats(tmp_path / "replica")
-    assert zero_manifest["fingerprint"] == replica_manifest["fingerprint"]
-    assert zero_manifest["tokens"] == replica_manifest["tokens"] == zero_summary.tokens > 0
-    for name, tensors in replica.items():
-        for key in ("A", "S"):
-            scale = tensors[key].abs().max()
-            assert float((zero[name][key] - tensors[key]).abs().max() / scale) <= 1e-6
-        assert torch.allclose(zero[name]["a_values"], tensors["a_values"], rtol=1e-5, atol=1e-8 * tensors["a_values"].max())
-
-
-def test_zero_on_the_fly_scores_equal_replica_scores(ray_session, tmp_path, offline_fixture, three_shards):
-    spec = _spec(offline_fixture, three_shards)
-    queries = RunSpec(spec.model, DataSpec(str(offline_fixture.queries), split="train[:3]", prompt_column="prompt",
-                                           completion_column="completion"), spec.grads)
-    reduce(str(tmp_path / "query"), queries, aggregation="none", unit_normalize=True)
-    settings = ScoreSettings(unit_normalize=True, top_k=5)
-    zero = score(str(tmp_path / "zero"), str(tmp_path / "query"), settings, spec=spec, workers=WORKERS,
-                 docs_per_write=4, zero_stage=3)
-    replica = score(str(tmp_path / "replica"), str(tmp_path / "query"), settings, spec=spec, workers=1)
-    (zero_ids, zero_scores), (ids, scores) = read_scores(str(tmp_path / "zero")), read_scores(str(tmp_path / "replica"))
-    np.testing.assert_array_equal(zero_ids, np.arange(24))
-    np.testing.assert_array_equal(zero_ids, ids)
-    assert np.abs(zero_scores - scores).max() <= 1e-5 * np.abs(scores).max()
-    np.testing.assert_array_equal(zero.topk.ids, replica.topk.ids)
-    assert zero.progress.written == 24 and zero.progress.duplicates_removed == 0
 
 
 def test_zero_stage_other_than_3_is_refused_before_any_work(tmp_path, offline_fixture):
