@@ -2,9 +2,8 @@
 
 The driver deals the token stream's batches out to the replicas (the least
 busy first); each keeps one model and float64 partial sums, and returns only
-those sums at the end of the pass. EK-FAC
-runs a second pass over the same workers with the K-FAC eigenbases broadcast
-through the object store.
+those sums at the end of the pass. EK-FAC runs a second pass over the same
+workers with the K-FAC eigenbases broadcast through the object store.
 """
 
 from __future__ import annotations
@@ -54,27 +53,29 @@ class StatsWorker:
             self.stats.close()  # a pass that failed half-way must not keep its hooks
         self.stats, self.checkpoints = StatsPass(self.engine, method, eigenbases), checkpoints
 
+    def _current(self) -> tuple[StatsPass, PartialWriter]:
+        if self.stats is None or self.checkpoints is None:
+            raise RayattrError("a statistics worker restarted during a pass and lost its sums; "
+                               "rerun the fit: it resumes from its checkpoints")
+        return self.stats, self.checkpoints
+
     def __call__(self, batch: pa.Table) -> int:
         """Add a batch to the running sums (and maybe checkpoint them); returns its document count."""
-        if self.stats is None or self.checkpoints is None:
-            raise RayattrError("a statistics worker restarted in the middle of a pass and lost its sums; "
-                               "rerun the fit: it resumes from its checkpoints")
+        stats, checkpoints = self._current()
         docs = TokenizedDocs.from_arrow(batch)
         started = time.perf_counter()
-        self.stats(docs)
-        self.checkpoints.covered(docs.ids)
-        self.checkpoints.maybe_save(self.stats.accumulator.sums)
+        stats(docs)
+        checkpoints.covered(docs.ids)
+        checkpoints.maybe_save(stats.accumulator.sums)
         self.busy_seconds += time.perf_counter() - started
         return len(docs.ids)
 
     def finish(self) -> Sums:
         """The pass's partial sums, checkpointed a last time."""
-        if self.stats is None or self.checkpoints is None:
-            raise RayattrError("a statistics worker restarted at the end of a pass and lost its sums; "
-                               "rerun the fit: it resumes from its checkpoints")
-        self.checkpoints.maybe_save(self.stats.accumulator.sums, force=True)
-        sums, self.stats, self.checkpoints = self.stats.close(), None, None
-        return sums
+        stats, checkpoints = self._current()
+        checkpoints.maybe_save(stats.accumulator.sums, force=True)
+        self.stats = self.checkpoints = None
+        return stats.close()
 
     def table_meta(self) -> TableMeta:
         return self.meta
