@@ -11,7 +11,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -45,6 +47,28 @@ class RayattrError(Exception):
     Raised anywhere (also inside Ray workers); the CLI prints it as one line
     and exits non-zero instead of showing a traceback.
     """
+
+
+class RayattrWarning(UserWarning):
+    """A result that is valid but probably not what the user meant; the message names the fix."""
+
+
+def one_line_warnings() -> None:
+    """Print rayattr's own warnings as one ``warning: ...`` line on stderr (not Python's
+    ``path:line: UserWarning`` form); other warnings keep their format. The CLI and the
+    job entry points call it; calling it again changes nothing."""
+    plain = warnings.showwarning
+    if getattr(plain, "rayattr", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, RayattrWarning):
+            print(f"warning: {message}", file=file or sys.stderr, flush=True)
+        else:
+            plain(message, category, filename, lineno, file, line)
+
+    show.rayattr = True
+    warnings.showwarning = show
 
 
 def stable_hash(payload: Any, length: int = 16) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from rayattr import storage
-from rayattr.config import RayattrError, RunSpec, from_dict
+from rayattr.config import RayattrError, RunSpec, from_dict, one_line_warnings
 from rayattr.configfile import COMMANDS, config_command
 from rayattr.ray.entry import build, fit, score
 from rayattr.ray.score import ScoreSettings
@@ -112,6 +112,7 @@ def job_main(command: str) -> None:
     parser.add_argument("config", help="YAML run config (written by `rayattr ... --save-config` or by hand)")
     parser.add_argument("--resume", action="store_true", help="trackstar: continue a run, skipping completed steps")
     args = parser.parse_args()
+    one_line_warnings()
     _, config = load_config(args.config, expected=command)
     started = time.perf_counter()
     run_config(command, config, resume=args.resume, log=lambda line: print(line, flush=True))

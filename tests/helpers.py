@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
+import psutil
 
 from rayattr.config import DataSpec, GradSpec
 from rayattr.grads.engine import GradientEngine, GradientRows
+from rayattr.ray.progress import BuildProgress
 from rayattr.space import TableMeta
 from rayattr.store import ScoreTable
 
@@ -35,3 +40,29 @@ def engine_rows(model, spec: GradSpec, docs, padding_side: str = "right") -> tup
         return engine.rows(docs), engine, engine.table_meta({"name": "fixture"}, DataSpec("d"))
     finally:
         engine.close()
+
+
+class KillOneWorker:
+    """A progress callback that SIGKILLs one worker process (its command line names
+    ``process``) once ``after`` documents are done."""
+
+    def __init__(self, process: str, after: int) -> None:
+        self.process, self.after = process, after
+        self.killed: int | None = None
+        self.docs_at_kill = 0
+
+    def __call__(self, progress: BuildProgress) -> None:
+        if self.killed is None and progress.docs >= self.after:
+            # Only this test process's own Ray workers: other test processes may run Ray beside it.
+            workers = [p for p in psutil.Process().children(recursive=True)
+                       if any(self.process in part for part in _cmdline(p))]
+            assert workers, f"no {self.process} process found"
+            self.killed, self.docs_at_kill = workers[0].pid, progress.docs
+            os.kill(self.killed, signal.SIGKILL)
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:  # exited meanwhile
+        return []

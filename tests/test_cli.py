@@ -49,6 +49,14 @@ def test_default_output_is_rayattrs_own(tmp_path, offline_fixture):
         assert noise not in output, output[-2000:]
 
 
+def test_rayattr_warnings_print_as_one_line():
+    script = ("import warnings; from rayattr.config import RayattrWarning, one_line_warnings; one_line_warnings(); "
+              "one_line_warnings(); warnings.warn('lambda saturated; pass --x', RayattrWarning); warnings.warn('other')")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    lines = done.stderr.splitlines()
+    assert lines == ["warning: lambda saturated; pass --x", "<string>:1: UserWarning: other"]  # others keep their form
+
+
 def test_verbose_flag_reaches_every_library(tmp_path, monkeypatch):
     monkeypatch.setenv(VERBOSE_ENV, "0")  # restored when the test ends
     assert not verbose()

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from rayattr.config import RayattrError
+from rayattr.config import RayattrError, RayattrWarning
 from rayattr.hessian.factors import (
     ABSOLUTE_DAMPING,
     INVERSION_MODES,
@@ -339,7 +339,7 @@ def test_mixing_lambda_in_unit_interval_for_random_inputs() -> None:
 
 
 def test_mixing_lambda_clamps_target_with_warning() -> None:
-    with pytest.warns(UserWarning, match="target_downweight_components=1000 exceeds the 3 eigenvalues"):
+    with pytest.warns(RayattrWarning, match="target_downweight_components=1000 exceeds the 3 eigenvalues"):
         lam, k = mixing_lambda([torch.tensor([10.0, 5.0, 1.0])], [torch.tensor([4.0, 2.0, 3.0])], 1000)
     assert k == 2 and lam == pytest.approx(1 / 3, abs=1e-15)
     with pytest.raises(RayattrError, match=">= 1"):
@@ -354,7 +354,7 @@ def test_mixing_lambda_warns_once_when_saturated() -> None:
         warnings.simplefilter("always")
         lam, k = mixing_lambda([torch.tensor([10.0, 5.0, 1.0])], [torch.tensor([4.0, 2.0, 0.0])], 3)
     assert (lam, k) == (1.0, 2)
-    assert len(caught) == 1 and "saturated at 1.0" in str(caught[0].message)
+    assert len(caught) == 1 and caught[0].category is RayattrWarning and "saturated at 1.0" in str(caught[0].message)
     assert "2 nonzero eigenvalues" in str(caught[0].message) and "below 2" in str(caught[0].message)
 
 

@@ -3,8 +3,8 @@ and a statistics fit killed halfway resumes from its checkpoints.
 
 Ray Data restarts a dead pool actor and retries its batches; a batch the dead
 actor had already committed is committed again and removed by the final
-de-duplication pass, so the table equals a clean run's. A ZeRO group that
-loses a worker restarts and skips what was committed.
+de-duplication pass, so the table equals a clean run's. (A ZeRO group that
+loses a worker is tested in ``test_zero``.)
 """
 
 from __future__ import annotations
@@ -17,17 +17,15 @@ import textwrap
 import time
 
 import numpy as np
-import psutil
 import pyarrow.parquet as pq
 import pytest
 import ray
-from helpers import assert_rows_close, read_scores
+from helpers import KillOneWorker, assert_rows_close, read_scores
 
 from rayattr.api import collect_in_process, open_index
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
 from rayattr.hessian.factors import load_stats
 from rayattr.ray.entry import build, fit, score
-from rayattr.ray.progress import BuildProgress
 from rayattr.ray.replicas import release_replicas
 from rayattr.ray.score import ScoreSettings, reduce
 from rayattr.store import Completion
@@ -42,32 +40,6 @@ def spec(offline_fixture, tmp_path_factory) -> RunSpec:
     train = tmp_path_factory.mktemp("faults") / "train.parquet"
     pq.write_table(pq.read_table(offline_fixture.train).slice(0, DOCS), train, row_group_size=25)
     return RunSpec(ModelSpec(str(offline_fixture.neox)), DataSpec(str(train)), GradSpec(projection_dim=4, token_batch_size=64))
-
-
-class KillOneWorker:
-    """A progress callback that SIGKILLs one worker process (its command line names
-    ``process``) once ``after`` documents are done."""
-
-    def __init__(self, process: str, after: int) -> None:
-        self.process, self.after = process, after
-        self.killed: int | None = None
-        self.docs_at_kill = 0
-
-    def __call__(self, progress: BuildProgress) -> None:
-        if self.killed is None and progress.docs >= self.after:
-            # Only this test process's own Ray workers: other test processes may run Ray beside it.
-            workers = [p for p in psutil.Process().children(recursive=True)
-                       if any(self.process in part for part in _cmdline(p))]
-            assert workers, f"no {self.process} process found"
-            self.killed, self.docs_at_kill = workers[0].pid, progress.docs
-            os.kill(self.killed, signal.SIGKILL)
-
-
-def _cmdline(process: psutil.Process) -> list[str]:
-    try:
-        return process.cmdline()
-    except psutil.Error:  # exited meanwhile
-        return []
 
 
 @pytest.fixture(scope="module")
@@ -88,16 +60,6 @@ def test_killed_gradient_worker_costs_no_row(ray_session, tmp_path, spec, refere
     build(run, spec, workers=2, docs_per_write=8, on_progress=kill)
     assert kill.killed is not None and kill.docs_at_kill < DOCS  # the kill landed before the end
     _assert_clean_table(run, reference)
-
-
-def test_killed_zero_worker_restarts_the_group_from_committed_rows(ray_session, tmp_path, spec, reference):
-    kill = KillOneWorker("RayTrainWorker", after=48)
-    run = str(tmp_path / "run")
-    progress = build(run, spec, workers=2, docs_per_write=8, on_progress=kill, zero_stage=3)
-    assert kill.killed is not None and kill.docs_at_kill < DOCS
-    _assert_clean_table(run, reference)
-    # The group restarted and its workers skipped what the lost attempt had committed.
-    assert sum(report.resumed_past for report in progress.workers) >= 8
 
 
 def test_killed_scoring_worker_costs_no_score(ray_session, tmp_path, spec, offline_fixture):

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pyarrow as pa
 import pytest
+import ray
 
 from rayattr.api import build_index, collect_in_process, open_index
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
@@ -20,6 +21,7 @@ from rayattr.model import load_tokenizer
 from rayattr.ray.entry import fit
 from rayattr.ray.pipeline import APPEND_TOKENS, GradientWorker
 from rayattr.ray.progress import _count_peaks
+from rayattr.ray.replicas import release_replicas
 from rayattr.store import GradientTable
 
 
@@ -106,7 +108,10 @@ def test_killed_build_resumes_to_a_complete_table(ray_session, tmp_path, offline
                        GradSpec(projection_dim=8, token_batch_size=32))  # slow enough to be caught halfway
         build_index({run!r}, spec, workers=1, docs_per_write=16)
     """)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # The child joins this session's Ray (starting a second one costs seconds); its replica needs
+    # the CPUs this session's warm replicas hold.
+    release_replicas()
+    env = os.environ | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     child = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     total = len(full_reference[0])

@@ -68,12 +68,14 @@ def test_second_moment_equals_brute_force(offline_fixture, fixture_tokenizer, do
     accumulator = RowAccumulator("second-moment", engine.layouts)
     for half in (slice(0, 20), slice(20, 48)):  # two updates, as a worker sees batches
         part = TokenizedDocs(docs.ids[half], docs.tokens[half], docs.label_start[half])
-        accumulator.update(torch.from_numpy(engine.rows(part).grads))
+        rows = engine.rows(part)
+        accumulator.update(torch.from_numpy(rows.grads), int(rows.num_tokens.sum()))
     for layout in engine.layouts:
         left, right = (m.double() for m in engine.collector.projections[layout.name])
         p = torch.stack([(left @ (g.T @ a) @ right.T).flatten() for a, g in (d[layout.name] for d in brute)])
         sums = accumulator.sums[layout.name]
         assert int(sums["count"]) == len(docs)
+        assert int(sums["tokens"]) == sum(len(t) for t in docs.tokens)  # counted as the K-FAC tap counts them
         assert _rel(sums["xx"], p.T @ p) <= 1e-4  # float32 collection vs float64 reference
     engine.close()
 
@@ -102,8 +104,8 @@ def test_ekfac_and_normalizer_sums_equal_brute_force(offline_fixture, fixture_to
              for l in engine.layouts}
     ekfac = RowAccumulator("ekfac", engine.layouts, bases)
     squares = RowAccumulator("normalizer", engine.layouts)
-    ekfac.update(rows)
-    squares.update(rows)
+    ekfac.update(rows, 0)
+    squares.update(rows, 0)
     for layout in engine.layouts:
         full = torch.stack([g.T @ a for a, g in (d[layout.name] for d in brute)])  # [N, O, I]
         q_out, q_in = bases[layout.name]["q_out"], bases[layout.name]["q_in"]
@@ -116,13 +118,13 @@ def test_merge_of_partial_sums_equals_one_pass(offline_fixture, fixture_tokenize
     engine = _engine(offline_fixture, fixture_tokenizer, projection_dim=4)
     rows = torch.from_numpy(engine.rows(docs).grads)
     whole, left, right, empty = (RowAccumulator("second-moment", engine.layouts) for _ in range(4))
-    whole.update(rows)
-    left.update(rows[:17])
-    right.update(rows[17:])
+    whole.update(rows, 170)
+    left.update(rows[:17], 100)
+    right.update(rows[17:], 70)
     merged = merge(merge(left.sums, empty.sums), right.sums)  # a worker that saw nothing counts as zero
     for name, sums in whole.sums.items():
         assert _rel(merged[name]["xx"], sums["xx"]) <= 1e-12
-        assert float(merged[name]["count"]) == len(docs)
+        assert float(merged[name]["count"]) == len(docs) and float(merged[name]["tokens"]) == 170
     engine.close()
 
 
@@ -139,7 +141,7 @@ def _in_process_second_moment(spec: RunSpec, fixture_tokenizer, docs) -> dict[st
 
     engine, _ = engine_for(spec)
     accumulator = RowAccumulator("second-moment", engine.layouts)
-    accumulator.update(torch.from_numpy(engine.rows(docs).grads))
+    accumulator.update(torch.from_numpy(engine.rows(docs).grads), 0)
     engine.close()
     return {name: s["xx"] / s["count"] for name, s in accumulator.sums.items()}
 
@@ -152,6 +154,7 @@ def test_ray_second_moment_is_independent_of_workers(ray_session, tmp_path, spec
     tensors, manifest = load_stats(tmp_path / "stats")
     reference = _in_process_second_moment(spec(4), fixture_tokenizer, docs)
     assert manifest["method"] == "second-moment" and manifest["examples"] == len(docs)
+    assert manifest["tokens"] == summary.tokens == sum(len(t) for t in docs.tokens)
     for name, t in tensors.items():
         assert _rel(t["second_moment"], reference[name]) <= 1e-6
         vectors, values = t["eigenvectors"], t["eigenvalues"]

@@ -1,4 +1,5 @@
-"""ZeRO mode (Ray Train + DeepSpeed ZeRO-3, two gloo workers on CPU) equals replica mode."""
+"""ZeRO mode (Ray Train + DeepSpeed ZeRO-3, two gloo workers on CPU) equals replica mode, and a group
+that loses a worker restarts and skips what was committed."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import read_scores
+from helpers import KillOneWorker, read_scores
 
 from rayattr.api import collect_in_process, open_index
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec
@@ -48,23 +49,28 @@ def test_zero_kfac_equals_replica_kfac(ray_session, tmp_path, offline_fixture):
         assert torch.allclose(zero[name]["a_values"], tensors["a_values"], rtol=1e-5, atol=1e-8 * tensors["a_values"].max())
 
 
-def test_zero_on_the_fly_scores_equal_brute_force_scores(ray_session, tmp_path, offline_fixture, three_shards):
+def test_zero_on_the_fly_scoring_survives_a_killed_worker_and_equals_brute_force(ray_session, tmp_path, offline_fixture,
+                                                                                three_shards):
     spec = _spec(offline_fixture, three_shards)
     queries = RunSpec(spec.model, DataSpec(str(offline_fixture.queries), split="train[:3]", prompt_column="prompt",
                                            completion_column="completion"), spec.grads)
     reduce(str(tmp_path / "query"), queries, aggregation="none", unit_normalize=True)
     settings = ScoreSettings(unit_normalize=True, top_k=5)
+    # Steps of 2+2 documents; the kill lands after the second step, in the middle of the 24.
+    kill = KillOneWorker("RayTrainWorker", after=4)
     zero = score(str(tmp_path / "zero"), str(tmp_path / "query"), settings, spec=spec, workers=WORKERS,
-                 docs_per_write=4, zero_stage=3)
+                 docs_per_write=2, zero_stage=3, on_progress=kill)
+    assert kill.killed is not None and kill.docs_at_kill < 24
     # Cosine of in-process rows (which replica builds equal) with the unit query rows.
     train = np.concatenate([rows.grads for _, rows in collect_in_process(spec)]).astype(np.float64)
     _, unit_queries = open_index(str(tmp_path / "query")).read_matrix()
     expected = (train / np.linalg.norm(train, axis=1, keepdims=True)) @ unit_queries.T
     zero_ids, zero_scores = read_scores(str(tmp_path / "zero"))
-    np.testing.assert_array_equal(zero_ids, np.arange(24))
+    np.testing.assert_array_equal(zero_ids, np.arange(24))  # every id exactly once
     assert np.abs(zero_scores - expected).max() <= 1e-5 * np.abs(expected).max()
     np.testing.assert_array_equal(zero.topk.ids, TopK.of_block(5, zero_ids, expected).ids)
-    assert zero.progress.written == 24 and zero.progress.duplicates_removed == 0
+    # The restarted group skipped what the lost attempt had committed: nothing was scored twice.
+    assert zero.progress.duplicates_removed == 0
 
 
 @pytest.fixture(scope="module")

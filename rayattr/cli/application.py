@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from rayattr.config import VERBOSE_ENV
+from rayattr.config import VERBOSE_ENV, one_line_warnings
 
 app = typer.Typer(help="Gradient-based training-data attribution on Ray.", no_args_is_help=True, add_completion=False)
 
@@ -18,5 +18,6 @@ def main(
                                           "transformers' warnings and progress bars.")] = False,
 ) -> None:
     """Gradient-based training-data attribution on Ray."""
+    one_line_warnings()
     if verbose:
         os.environ[VERBOSE_ENV] = "1"  # read where each library starts; Ray workers inherit it

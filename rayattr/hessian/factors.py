@@ -22,7 +22,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from rayattr import storage
-from rayattr.config import RayattrError, stable_hash
+from rayattr.config import RayattrError, RayattrWarning, stable_hash
 
 InversionMode = Literal["damped_inverse", "pseudoinverse", "tikhonov_filtered"]
 INVERSION_MODES: tuple[str, ...] = get_args(InversionMode)
@@ -196,6 +196,7 @@ def mixing_lambda(
         warnings.warn(
             f"target_downweight_components={target_downweight_components} exceeds the {available} "
             f"eigenvalues available; using component {available} (k={available - 1}) instead",
+            RayattrWarning,
             stacklevel=2,
         )
         k = available - 1
@@ -209,6 +210,7 @@ def mixing_lambda(
             f"TrackStar lambda saturated at 1.0: the query statistics have {rank} nonzero eigenvalues, fewer than "
             f"target_downweight_components={target_downweight_components}, so the mixed Hessian is the query "
             f"moment alone; pass --target-downweight-components below {max(rank, 1)}",
+            RayattrWarning,
             stacklevel=2,
         )
     return lam, k

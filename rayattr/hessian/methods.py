@@ -53,7 +53,8 @@ class StatsPass:
         if self.kind == "kfac":
             self.engine.observe(docs)
         else:
-            self.accumulator.update(torch.from_numpy(self.engine.rows(docs).grads))
+            rows = self.engine.rows(docs)
+            self.accumulator.update(torch.from_numpy(rows.grads), int(rows.num_tokens.sum()))
 
     def close(self) -> Sums:
         """Detach from the engine and return the partial sums."""
@@ -100,8 +101,8 @@ class SecondMoment(HessianMethod):
         eigens = eigh(matrices)
         tensors = {name: {"second_moment": matrices[name], "eigenvalues": eigens[name].values,
                           "eigenvectors": eigens[name].vectors} for name in sums}
-        count = int(next(iter(sums.values()))["count"])
-        return tensors, {"examples": count, "tokens": 0, "modules": spectrum_summary({n: e.values for n, e in eigens.items()})}
+        first = next(iter(sums.values()))
+        return tensors, {"examples": int(first["count"]), "tokens": int(first["tokens"]), "modules": spectrum_summary({n: e.values for n, e in eigens.items()})}
 
     def operator(self, tensors: dict[str, torch.Tensor], mode: InversionMode, damping: float, power: float) -> tuple:
         eigen = Eigen(tensors["eigenvalues"], tensors["eigenvectors"])
@@ -179,7 +180,8 @@ def fit_statistics(out_dir: str, spec: RunSpec, method: str, run_pass: RunPass, 
     if isinstance(plan, NormalizerFit):
         normalizer = fitted_normalizer(sums, normalizer_kind, source=f"fitted on {spec.data.dataset} [{spec.data.split}]")
         normalizer.save(out_dir)
-        return FitSummary(method, int(next(iter(sums.values()))["count"]), 0, 0.0)
+        first = next(iter(sums.values()))
+        return FitSummary(method, int(first["count"]), int(first["tokens"]), 0.0)
     tensors, summary = plan.finish(sums, eigh)
     plan.refine(tensors, summary, run_pass)
     for module in meta.modules:

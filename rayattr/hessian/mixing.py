@@ -29,7 +29,8 @@ def mix_stats(query_dir: str, index_dir: str, out_dir: str, target_downweight_co
     manifest = {
         "method": "second-moment", **identity,
         "fingerprint": stable_hash(identity | {"method": "second-moment", "lambda": lam}),
-        "examples": index_manifest["examples"] + query_manifest["examples"], "tokens": 0,
+        "examples": index_manifest["examples"] + query_manifest["examples"],
+        "tokens": index_manifest["tokens"] + query_manifest["tokens"],
         "mixed": {"lambda": lam, "k": k, "target_downweight_components": target_downweight_components,
                   "query": query_manifest["fingerprint"], "index": index_manifest["fingerprint"]},
         "data": {"query": query_manifest.get("data"), "index": index_manifest.get("data")},

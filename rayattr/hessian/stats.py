@@ -58,8 +58,9 @@ class RowAccumulator:
         self.eigenbases = eigenbases
         self.sums: Sums = {layout.name: {} for layout in layouts}
 
-    def update(self, grads: torch.Tensor) -> None:
-        """Add ``[rows, D]`` gradient rows (already normalized/projected by the collector)."""
+    def update(self, grads: torch.Tensor, tokens: int) -> None:
+        """Add ``[rows, D]`` gradient rows (already normalized/projected by the collector) of
+        documents holding ``tokens`` tokens, counted as the K-FAC pass counts them."""
         for layout in self.layouts:
             x = grads[:, layout.offset : layout.offset + layout.width].double()
             if self.method == "second-moment":
@@ -70,7 +71,8 @@ class RowAccumulator:
                 self._add(layout.name, lambda_sum=ekfac_lambda(full, bases["q_out"], bases["q_in"]))
             else:
                 self._add(layout.name, sq=x.square().sum(0).view(layout.out_features, layout.in_features))
-            self._add(layout.name, count=torch.tensor(float(x.shape[0]), dtype=torch.float64))
+            self._add(layout.name, count=torch.tensor(float(x.shape[0]), dtype=torch.float64),
+                      tokens=torch.tensor(float(tokens), dtype=torch.float64))
 
     def _add(self, name: str, **values: torch.Tensor) -> None:
         slot = self.sums[name]
