@@ -13,6 +13,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
@@ -68,6 +69,22 @@ def repeated_corpus(source: Path, out: Path, copies: int, docs: int | None = Non
     return copies * base.num_rows
 
 
+def packed_corpus(fixture, out: Path, docs: int, tokenizer, min_tokens: int) -> Path:
+    """The fixture's training texts joined into ``docs`` documents of at least ``min_tokens`` tokens each."""
+    texts = pq.read_table(fixture.train, columns=["text"]).column("text").to_pylist()
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    packed, current, width, cursor = [], [], 0, 0
+    while len(packed) < docs:
+        current.append(texts[cursor % len(texts)])
+        width += lengths[cursor % len(texts)]
+        cursor += 1
+        if width >= min_tokens:
+            packed.append(" ".join(current))
+            current, width = [], 0
+    pq.write_table(pa.table({"text": packed}), out)
+    return out
+
+
 def bench_model(fixture, out: Path, max_positions: int, seed: int = 0) -> Path:
     """A ~21M-parameter GPT-NeoX (512 wide, 6 layers) with the fixture tokenizer, saved once.
 
@@ -77,6 +94,7 @@ def bench_model(fixture, out: Path, max_positions: int, seed: int = 0) -> Path:
     if (out / "config.json").exists():
         return out
     tokenizer = load_tokenizer(str(fixture.neox))
+    tokenizer.model_max_length = max_positions  # tools that size batches by it see the model's real limit
     eos = tokenizer.eos_token_id
     config = GPTNeoXConfig(
         vocab_size=len(tokenizer), hidden_size=512, num_hidden_layers=6, num_attention_heads=8,

@@ -22,6 +22,7 @@ SECTIONS = {  # results file stem: what it measures
     "query": "LanceDB query latency (`benchmarks/query.py`)",
     "scaling": "Build scaling over workers on a 2-node cluster (`benchmarks/scaling.py`)",
     "peers": "Side by side with Bergson and kronfluence (`benchmarks/peers.py`)",
+    "same_job": "`rayattr build` against `bergson build` on the same job (`benchmarks/same_job.py`)",
 }
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 

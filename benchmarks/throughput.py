@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import torch
 from rich.table import Table
 
-from common import TOKEN_BATCH_SIZE, bench_model, forward_backward, machine, write_results
+from common import TOKEN_BATCH_SIZE, bench_model, forward_backward, machine, packed_corpus, write_results
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
 from rayattr.data import TokenizedDocs, token_budget_batches, tokenize
 from rayattr.fixtures import default_cache_dir, make_fixture
@@ -56,26 +56,6 @@ SIZES = {  # in-process documents, rounds; documents through Ray
     "small": {"docs": 32, "rounds": 1, "ray_docs": 96},
     "full": {"docs": 96, "rounds": 3, "ray_docs": 384},
 }
-
-
-def packed_corpus(fixture, out: Path, docs: int, tokenizer) -> Path:
-    """The fixture's training texts joined into ``docs`` documents of at least ``SEQ_LEN`` tokens.
-
-    Documents are cut to ``SEQ_LEN`` by ``--truncation``, so every batch is full
-    width and no padding dilutes the comparison.
-    """
-    texts = pq.read_table(fixture.train, columns=["text"]).column("text").to_pylist()
-    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
-    packed, current, width, cursor = [], [], 0, 0
-    while len(packed) < docs:
-        current.append(texts[cursor % len(texts)])
-        width += lengths[cursor % len(texts)]
-        cursor += 1
-        if width >= SEQ_LEN:
-            packed.append(" ".join(current))
-            current, width = [], 0
-    pq.write_table(pa.table({"text": packed}), out)
-    return out
 
 
 def in_process(model: torch.nn.Module, docs: TokenizedDocs, pad_id: int, rounds: int) -> dict[str, float]:
@@ -146,7 +126,7 @@ def main() -> None:
     model_dir = bench_model(fixture, default_cache_dir() / "bench-neox-21m", max_positions=SEQ_LEN)
     tokenizer = load_tokenizer(str(model_dir))
     root = Path(tempfile.mkdtemp(prefix="throughput-"))
-    corpus = packed_corpus(fixture, root / "packed.parquet", size["ray_docs"], tokenizer)
+    corpus = packed_corpus(fixture, root / "packed.parquet", size["ray_docs"], tokenizer, SEQ_LEN)
     model_spec = ModelSpec(str(model_dir), device=args.device)
     data = DataSpec(str(corpus), max_length=SEQ_LEN, truncation=True)
 

@@ -167,14 +167,19 @@ def check_modules(model_config, grads: GradSpec) -> None:
 SHARDS_PER_WORKER = 4  # enough blocks that no worker waits for another's last shard
 
 
-def prepare(spec: RunSpec, ray_address: str | None, workers: int) -> list[Shard]:
-    """Driver-side checks that need no worker (model exists, modules match, data
-    readable and non-empty), then Ray; returns the dataset's shards, at least a
-    few per worker."""
+def prepare(spec: RunSpec, ray_address: str | None, workers: int, start_replicas: bool = True) -> list[Shard]:
+    """Driver-side checks that need no worker (model exists, modules match, data readable
+    and non-empty), then Ray and (``start_replicas``) the replica pool; returns the
+    dataset's shards, at least a few per worker."""
+    # The checks import the model's code before Ray starts: in a `ray job submit` driver the
+    # current directory is gone once the first actor has started (Ray's working_dir runtime
+    # env), and imports that read it (torch._dynamo's) then fail.
     check_modules(load_config(spec.model), spec.grads)
-    shards = balance_shards(plan_shards(spec.data), SHARDS_PER_WORKER * workers)
+    shards = plan_shards(spec.data)
     ensure_ray(ray_address)
-    return shards
+    if start_replicas:  # their processes start and import while the driver plans the stream
+        replicas(workers)
+    return balance_shards(shards, SHARDS_PER_WORKER * workers)
 
 
 def token_stream(spec: RunSpec, items: list[dict]) -> ray.data.Dataset:
@@ -238,10 +243,10 @@ def replica_build(
 
 
 def plan_build(run_path: str, spec: RunSpec, ray_address: str | None, table: str,
-               progress: BuildProgress, workers: int) -> tuple[list[dict], list[Shard]]:
+               progress: BuildProgress, workers: int, replicated: bool = True) -> tuple[list[dict], list[Shard]]:
     """The shard items a build still has to write (ids already in the table drop out) and all
     the dataset's shards; sets ``progress.total_docs`` and marks the table partial."""
-    shards = prepare(spec, ray_address, workers)
+    shards = prepare(spec, ray_address, workers, start_replicas=replicated)
     items = resume_plan(shards, GradientTable.open(run_path, table).iter_ids() if table_exists(run_path, table) else ())
     progress.total_docs = sum(s["num_rows"] - len(s["done_ids"]) for s in items)
     Completion.clear(run_path, table)

@@ -87,6 +87,15 @@ class Replica:
             self.worker, self.key = job.factory(**job.kwargs), job.key
         return self.worker
 
+    def warm(self, job: Job) -> None:
+        """Build the job's worker (load its model) ahead of its first batch, while the
+        stream starts. A worker that fails to build is left unbuilt: the first batch's
+        call builds it again and raises, where the pass reads its results."""
+        try:
+            self._worker(job)
+        except Exception:  # raised again by that first call
+            pass
+
     def run(self, job: Job, block: pa.Table, start: int, stop: int) -> pa.Table:
         """The job's worker on rows ``[start, stop)`` of a block (retried on a restarted replica)."""
         return self._worker(job)(block.slice(start, stop - start))
@@ -118,6 +127,8 @@ class ReplicaPool:
         finish (completion order). A batch never spans two blocks. ``retried=False``: a batch whose
         replica dies fails the pass (``run_once``)."""
         job_ref = ray.put(job)
+        for actor in self.actors:  # each loads its model while the stream's first blocks are made
+            actor.warm.remote(job_ref)
         pending: dict[ray.ObjectRef, int] = {}
         load = [0] * self.size
         for bundle in dataset.iter_internal_ref_bundles():

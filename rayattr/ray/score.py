@@ -263,7 +263,7 @@ def score(
     queries = load_queries(query_path, settings)
     if spec is not None:
         spec = dataclasses.replace(spec, grads=dataclasses.replace(spec.grads, per_token=settings.per_token))
-        shards = prepare(spec, ray_address, workers)
+        shards = prepare(spec, ray_address, workers, start_replicas=group is None)
     else:
         index = _checked_index(index_path, queries, settings)
         ensure_ray(ray_address)

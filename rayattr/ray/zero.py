@@ -330,7 +330,7 @@ def zero_build(
     Same table, rows and metadata as replica mode; resumes an existing table the same way.
     """
     progress = ZeroBuildProgress(total_docs=0)
-    items, shards = plan_build(run_path, spec, ray_address, table, progress, workers)
+    items, shards = plan_build(run_path, spec, ray_address, table, progress, workers, replicated=False)
     if items:
         job = _WriteRows(run_path, table, docs_per_write)
         progress.workers = drain_group(spec, token_stream(spec, items), workers, job, progress, on_progress)
@@ -356,7 +356,7 @@ def zero_fit(out_dir: str, spec: RunSpec, method: str, *, workers: int = 2, ray_
     """
     check_method(method, spec)
     start = time.perf_counter()
-    items = shard_items(prepare(spec, ray_address, workers))
+    items = shard_items(prepare(spec, ray_address, workers, start_replicas=False))
     reports: list[WorkerReport] = []
     summary = fit_statistics(out_dir, spec, method, partial(_stats_pass, spec, items, workers, reports), eigh_all,
                              normalizer_kind)
