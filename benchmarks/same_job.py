@@ -18,7 +18,7 @@ neither can be observed from outside for it.
         [--skip-install] [--device cpu|cuda]
 
 On a GPU: ``--device cuda`` runs both in bf16 (Bergson's environment then
-needs a CUDA torch: ``--torch torch==2.13.0 --index-url ...`` as the machine has it).
+needs a CUDA build of torch: ``--torch`` names what it installs).
 """
 
 from __future__ import annotations
