@@ -173,7 +173,7 @@ class RowTable:
             expected[ids] = rows_per_id
         return counts, expected
 
-    def deduplicate(self) -> int:
+    def deduplicate(self, expected_ids: int | None = None) -> int:
         """Keep one copy of every row written more than once; returns the rows removed.
 
         Appends are at-least-once: a retried block or a killed job's leftover
@@ -182,7 +182,13 @@ class RowTable:
         integer per id (streamed), then rewrites only the duplicated ids; a
         crash between the delete and the re-append loses those ids, which the
         next resume recomputes.
+
+        ``expected_ids`` (a finished pass's completion record): that pass
+        committed every expected id at least once, so a per-document table
+        holding exactly that many rows has no duplicate and is not scanned.
         """
+        if expected_ids is not None and not self.per_token and self.count() == expected_ids:
+            return 0
         counts, expected = self.row_counts()
         duplicated = np.flatnonzero(counts > expected)
         removed = 0

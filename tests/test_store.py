@@ -293,6 +293,23 @@ def test_deduplicate_keeps_exactly_one_copy(tmp_path, per_token):
         np.testing.assert_array_equal(got, want)
 
 
+def test_deduplicate_scans_only_when_the_row_count_exceeds_the_expected_ids(tmp_path, monkeypatch):
+    meta = make_meta()
+    rows = make_rows(np.array([4, 7, 9, 12]), meta.dim, seed=3)
+    table = GradientTable.create(str(tmp_path / "run"), meta)
+    table.append(rows.to_arrow())
+    clean = table.read_matrix()
+    scans = []
+    original = GradientTable.row_counts
+    monkeypatch.setattr(GradientTable, "row_counts", lambda self: scans.append(1) or original(self))
+    assert table.deduplicate(expected_ids=4) == 0 and not scans  # as many rows as ids: no scan
+    again = rows.to_arrow()
+    table.append(again.filter(pa.compute.equal(again.column("id"), 7)))  # a retried block
+    assert table.deduplicate(expected_ids=4) == 1 and len(scans) == 1
+    for got, want in zip(table.read_matrix(), clean):
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_optimize_compacts_appends_to_one_fragment_with_the_same_rows(tmp_path, dtype):
     meta = make_meta(dtype=dtype)

@@ -257,9 +257,10 @@ def finish_build(run_path: str, table: str, progress: BuildProgress, shards: lis
     """Repair rows committed twice (retried blocks, leftover workers), compact the table, and
     record it complete. Skipped documents are re-read by every resume, so this run saw them all."""
     written = GradientTable.open(run_path, table)
-    progress.duplicates_removed = written.deduplicate()
+    record = completion(table, shards, progress)
+    progress.duplicates_removed = written.deduplicate(record.rows)
     written.optimize()
-    completion(table, shards, progress).save(run_path)
+    record.save(run_path)
 
 
 def completion(table: str, shards: list[Shard], progress: BuildProgress) -> Completion:

@@ -297,9 +297,10 @@ def score(
         if not table_exists(run_path, name):  # kept gradients: no worker started
             continue
         repaired = GradientTable.open(run_path) if name == GRADIENTS else ScoreTable.open(run_path, name)
-        progress.duplicates_removed += repaired.deduplicate()
+        record = completion(name, shards, progress) if spec is not None else Completion(name, index.count())
+        progress.duplicates_removed += repaired.deduplicate(record.rows)
         repaired.optimize()
-        (completion(name, shards, progress) if spec is not None else Completion(name, index.count())).save(run_path)
+        record.save(run_path)
     top = distributed_topk(ScoreTable.open(run_path, SCORES), settings.top_k)
     write_topk(run_path, top, np.asarray(meta.query_ids), meta)
     progress.finish()
