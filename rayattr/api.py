@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from rayattr.config import RunSpec
-from rayattr.data import TokenizedDocs, plan_shards, read_shard, tokenize
+from rayattr.data import TokenizedDocs, plan_shards, read_shard, reward_baselines, tokenize
 from rayattr.grads.engine import GradientRows, engine_for
 from rayattr.model import load_tokenizer, max_positions
 from rayattr.ray.entry import build, fit as fit_hessian, score
@@ -37,9 +37,11 @@ def collect_in_process(spec: RunSpec, docs_per_step: int = 1024) -> Iterator[tup
     engine, meta = engine_for(spec)
     tokenizer = load_tokenizer(spec.model.model, spec.model.revision)
     max_length = min(spec.data.max_length or 10**9, max_positions(engine.model))
+    baselines = reward_baselines(spec.data)
     try:
         for shard in plan_shards(spec.data):
             for table in read_shard(spec.data, shard, batch_rows=docs_per_step):
-                yield meta, engine.rows(TokenizedDocs.from_arrow(tokenize(table, spec.data, tokenizer, max_length)))
+                tokens = tokenize(table, spec.data, tokenizer, max_length, baselines)
+                yield meta, engine.rows(TokenizedDocs.from_arrow(tokens))
     finally:
         engine.close()

@@ -116,6 +116,9 @@ class DataSpec:
     completion_column: str | None = None
     max_length: int | None = None
     truncation: bool = False
+    conversation_column: str | None = None
+    reward_column: str | None = None
+    skip_nan_rewards: bool = False
 
     def __post_init__(self) -> None:
         if self.prompt_column and not self.completion_column:
@@ -123,13 +126,31 @@ class DataSpec:
                 "--prompt-column needs --completion-column: the prompt is only "
                 "used to mask the loss to the completion; use --text-column for plain documents"
             )
+        if self.conversation_column and self.completion_column:
+            raise RayattrError(
+                "--conversation-column and --completion-column are two document formats: pass one of them"
+            )
+        if self.reward_column and not (self.completion_column or self.conversation_column):
+            raise RayattrError(
+                "--reward-column needs --prompt-column/--completion-column or --conversation-column: "
+                "advantages compare documents that share a prompt"
+            )
+        if self.skip_nan_rewards and not self.reward_column:
+            raise RayattrError("--skip-nan-rewards needs --reward-column")
+
+    @property
+    def document_columns(self) -> list[str]:
+        """The columns that make up a document's text."""
+        if self.conversation_column:
+            return [self.conversation_column]
+        if self.completion_column:
+            return [self.prompt_column or self.text_column, self.completion_column]
+        return [self.text_column]
 
     @property
     def columns(self) -> list[str]:
         """The dataset columns a run reads."""
-        if self.completion_column:
-            return [self.prompt_column or self.text_column, self.completion_column]
-        return [self.text_column]
+        return self.document_columns + ([self.reward_column] if self.reward_column else [])
 
 
 @dataclass(frozen=True)

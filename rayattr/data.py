@@ -15,7 +15,7 @@ import dataclasses
 
 import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from rayattr.chat import advantages, conversation_texts, group_keys, messages_of, rewards_of, tokenize_conversations
 from rayattr.config import DataSpec, RayattrError
 
 SHARD_ROWS = 1024  # rows per shard: the unit of parallelism and of resume bookkeeping
@@ -47,22 +48,39 @@ class TokenizedDocs:
     ids: np.ndarray  # int64 [N]
     tokens: list[np.ndarray]  # int64 each
     label_start: np.ndarray  # int64 [N]: tokens at positions >= label_start are loss targets
+    label_masks: list[np.ndarray] | None = None  # bool per token (conversations): targets also need True here
+    loss_weights: np.ndarray | None = None  # float32 [N] (rewards): each document's loss is scaled by it
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def take(self, index: np.ndarray | slice) -> TokenizedDocs:
+        """The documents at ``index``, every column with them."""
+        picked = np.arange(len(self))[index]
+        return TokenizedDocs(
+            self.ids[picked], [self.tokens[i] for i in picked], self.label_start[picked],
+            None if self.label_masks is None else [self.label_masks[i] for i in picked],
+            None if self.loss_weights is None else self.loss_weights[picked],
+        )
+
     @classmethod
     def from_arrow(cls, table: pa.Table) -> TokenizedDocs:
         """Rebuild from a tokenized Arrow table without per-row Python conversion."""
-        column = table.column("input_ids").combine_chunks()
-        offsets = column.offsets.to_numpy()
-        values = column.values.to_numpy().astype(np.int64)
-        tokens = [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
+        names = table.schema.names
         return cls(
             ids=table.column("id").to_numpy().astype(np.int64),
-            tokens=tokens,
+            tokens=[t.astype(np.int64) for t in _lists(table, "input_ids")],
             label_start=table.column("label_start").to_numpy().astype(np.int64),
+            label_masks=[m.astype(bool) for m in _lists(table, "label_mask")] if "label_mask" in names else None,
+            loss_weights=table.column("loss_weight").to_numpy().astype(np.float32) if "loss_weight" in names else None,
         )
+
+
+def _lists(table: pa.Table, name: str) -> list[np.ndarray]:
+    """A list column as one numpy view per row."""
+    column = table.column(name).combine_chunks()
+    offsets, values = column.offsets.to_numpy(), column.values.to_numpy(zero_copy_only=False)
+    return [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
 
 
 def parse_split(split: str) -> tuple[str, int, int | None]:
@@ -163,7 +181,9 @@ def plan_shards(spec: DataSpec) -> list[Shard]:
 def _check_columns(spec: DataSpec, available: list[str]) -> None:
     missing = [c for c in spec.columns if c not in available]
     if missing:
-        flag = "--completion-column/--prompt-column" if spec.completion_column else "--text-column"
+        flag = ("--reward-column" if missing == [spec.reward_column] else "--conversation-column"
+                if spec.conversation_column else "--completion-column/--prompt-column" if spec.completion_column
+                else "--text-column")
         raise RayattrError(f"dataset {spec.dataset!r} has no column {missing}; it has {available}. Pass {flag} NAME")
 
 
@@ -224,14 +244,25 @@ def _with_ids(table: pa.Table, first_id: int) -> pa.Table:
     return table.append_column("id", pa.array(np.arange(first_id, first_id + table.num_rows, dtype=np.int64)))
 
 
-def tokenize(table: pa.Table, spec: DataSpec, tokenizer, max_length: int) -> pa.Table:
-    """Tokenize rows into ``id, input_ids, label_start, num_tokens``.
+def tokenize(table: pa.Table, spec: DataSpec, tokenizer, max_length: int,
+             baselines: dict[str, float] | None = None) -> pa.Table:
+    """Tokenize rows into ``id, input_ids, label_start, num_tokens`` (+ ``label_mask``, ``loss_weight``).
 
     Plain documents are targets from their second token on; prompt/completion
-    rows are targets on the completion only. Documents longer than
-    ``max_length`` are an error unless ``spec.truncation`` is set.
+    rows are targets on the completion only; conversations on their assistant
+    tokens (``label_mask``). With a reward column, ``loss_weight`` is each row's
+    advantage over ``baselines`` (``reward_baselines``); a NaN reward, when
+    skipped, leaves its row no target, so it is counted with the skipped ones.
+    Documents longer than ``max_length`` are an error unless ``spec.truncation`` is set.
     """
-    if spec.completion_column:
+    ids = table.column("id").to_numpy()
+    masks = None
+    if spec.conversation_column:
+        column = table.column(spec.conversation_column).to_pylist()
+        conversations = [messages_of(value, int(i), spec.conversation_column) for value, i in zip(column, ids)]
+        sequences, masks = tokenize_conversations(tokenizer, conversations)
+        label_start = [1] * len(sequences)
+    elif spec.completion_column:
         prompts = _texts(table, spec.prompt_column or spec.text_column)
         completions = _texts(table, spec.completion_column)
         prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
@@ -241,7 +272,6 @@ def tokenize(table: pa.Table, spec: DataSpec, tokenizer, max_length: int) -> pa.
     else:
         sequences = tokenizer(_texts(table, spec.text_column), add_special_tokens=True)["input_ids"]
         label_start = [1] * len(sequences)
-    ids = table.column("id").to_numpy()
     lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
     too_long = np.flatnonzero(lengths > max_length)
     if too_long.size and not spec.truncation:
@@ -251,14 +281,54 @@ def tokenize(table: pa.Table, spec: DataSpec, tokenizer, max_length: int) -> pa.
             f"{lengths[worst]} tokens); pass --truncation to cut them or raise --max-length"
         )
     sequences = [s[:max_length] for s in sequences]
-    return pa.table(
-        {
-            "id": pa.array(ids, pa.int64()),
-            "input_ids": pa.array(sequences, pa.list_(pa.int32())),
-            "label_start": pa.array(label_start, pa.int32()),
-            "num_tokens": pa.array([len(s) for s in sequences], pa.int32()),
-        }
-    )
+    columns = {
+        "id": pa.array(ids, pa.int64()),
+        "input_ids": pa.array(sequences, pa.list_(pa.int32())),
+        "label_start": pa.array(label_start, pa.int32()),
+        "num_tokens": pa.array([len(s) for s in sequences], pa.int32()),
+    }
+    if spec.reward_column:
+        weights = advantages(table, spec, baselines)
+        label_start = np.where(np.isnan(weights), lengths, label_start)  # a skipped NaN reward: no target
+        columns["label_start"] = pa.array(label_start, pa.int32())
+        columns["loss_weight"] = pa.array(np.nan_to_num(weights), pa.float32())
+    if masks is not None:
+        columns["label_mask"] = pa.array([m[:max_length] for m in masks], pa.list_(pa.bool_()))
+    return pa.table(columns)
+
+
+RewardSums = dict[str, tuple[float, int]]  # prompt group -> (sum of its finite rewards, their count)
+
+
+def shard_reward_sums(spec: DataSpec, shard: Shard) -> RewardSums:
+    """One shard's reward sums per prompt group (NaN rewards left out), from the group and reward columns only."""
+    sums: dict[str, tuple[float, int]] = {}
+    for table in read_shard(spec, shard, columns=[*spec.document_columns, spec.reward_column]):
+        for key, reward in zip(group_keys(table, spec), rewards_of(table, spec)):
+            if not np.isnan(reward):
+                total, count = sums.get(key, (0.0, 0))
+                sums[key] = (total + float(reward), count + 1)
+    return sums
+
+
+def reward_baselines(spec: DataSpec, shard_sums: Callable[[list[Shard]], Iterable[RewardSums]] | None = None,
+                     ) -> dict[str, float] | None:
+    """Mean reward per prompt group over the whole split, or None without a reward column.
+
+    ``shard_sums`` maps ``shard_reward_sums`` over the shards (the Ray layer runs it
+    as tasks; by default it runs here); only one number per distinct prompt
+    reaches the caller, never the rows.
+    """
+    if not spec.reward_column:
+        return None
+    shards = plan_shards(spec)
+    parts = shard_sums(shards) if shard_sums else (shard_reward_sums(spec, shard) for shard in shards)
+    merged: dict[str, tuple[float, int]] = {}
+    for part in parts:
+        for key, (total, count) in part.items():
+            seen_total, seen_count = merged.get(key, (0.0, 0))
+            merged[key] = (seen_total + total, seen_count + count)
+    return {key: total / count for key, (total, count) in merged.items()}
 
 
 def _texts(table: pa.Table, column: str) -> list[str]:
@@ -311,7 +381,9 @@ def read_rows(data: DataSpec, ids: np.ndarray, columns: list[str] | None = None)
 
 def row_texts(table: pa.Table, spec: DataSpec) -> list[str]:
     """Each row's document as the model reads it (prompt and completion joined), for display."""
-    return ["".join(parts) for parts in zip(*(_texts(table, column) for column in spec.columns))]
+    if spec.conversation_column:
+        return conversation_texts(table, spec.conversation_column)
+    return ["".join(parts) for parts in zip(*(_texts(table, column) for column in spec.document_columns))]
 
 
 def sample_split(split: str, sample_size: int | None) -> str:

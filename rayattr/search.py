@@ -34,7 +34,7 @@ from rayattr.config import (
     RunSpec,
     from_dict,
 )
-from rayattr.data import TokenizedDocs, plan_shards, read_shard, tokenize
+from rayattr.data import TokenizedDocs, plan_shards, read_shard, reward_baselines, tokenize
 from rayattr.grads.collector import GradientCollector
 from rayattr.grads.engine import engine_for
 from rayattr.grads.normalizer import Normalizer
@@ -255,7 +255,9 @@ def _gradients(meta: TableMeta, data: DataSpec, tables: Iterable[pa.Table], mode
         require_compatible(meta, replace(made, model=meta.model))
         tokenizer = load_tokenizer(spec.model.model, spec.model.revision)
         max_length = min(data.max_length or 10**9, max_positions(engine.model))
-        chunks = [engine.rows(TokenizedDocs.from_arrow(tokenize(table, data, tokenizer, max_length))) for table in tables]
+        baselines = reward_baselines(data)
+        chunks = [engine.rows(TokenizedDocs.from_arrow(tokenize(table, data, tokenizer, max_length, baselines)))
+                  for table in tables]
     finally:
         engine.close()
     skipped = np.concatenate([chunk.skipped for chunk in chunks])

@@ -66,7 +66,7 @@ def test_generation_is_byte_identical(tmp_path: Path, variant: str) -> None:
     b = F.make_fixture(tmp_path / "b", seed=3, variant=variant)
     hashes = _tree_hashes(a.root)
     assert hashes == _tree_hashes(b.root)
-    for name in ["train.parquet", "queries.parquet", "ground_truth.json", "tokenizer/tokenizer.json",
+    for name in ["train.parquet", "queries.parquet", "ground_truth.json", "conversations.parquet", "tokenizer/tokenizer.json",
                  "neox/model.safetensors", "gpt2/model.safetensors"]:
         assert name in hashes
     vocab_a = AutoTokenizer.from_pretrained(a.tokenizer).get_vocab()

@@ -11,12 +11,12 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "rayattr"
-RAY_FREE = ("rayattr.grads", "rayattr.hessian", "rayattr.score", "rayattr.config", "rayattr.data", "rayattr.model",
+RAY_FREE = ("rayattr.grads", "rayattr.hessian", "rayattr.score", "rayattr.config", "rayattr.chat", "rayattr.data", "rayattr.model",
             "rayattr.storage", "rayattr.space", "rayattr.store")
 # The layers, bottom first; a module (or package) may import its own layer and those below.
 LAYERS = (
     ("rayattr", "rayattr.config"),
-    ("rayattr.storage", "rayattr.data", "rayattr.model", "rayattr.space", "rayattr.fixtures"),
+    ("rayattr.storage", "rayattr.chat", "rayattr.data", "rayattr.model", "rayattr.space", "rayattr.fixtures"),
     ("rayattr.configfile", "rayattr.grads"),
     ("rayattr.hessian",),
     ("rayattr.score", "rayattr.topk"),

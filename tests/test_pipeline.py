@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import signal
 import subprocess
@@ -143,19 +145,26 @@ def test_killed_build_resumes_to_a_complete_table(ray_session, tmp_path, offline
     _assert_same_rows(run, full_reference)
 
 
-def test_prompt_completion_build_matches_in_process(ray_session, tmp_path, offline_fixture):
-    spec = RunSpec(
-        ModelSpec(str(offline_fixture.neox)),
-        DataSpec(str(offline_fixture.queries), prompt_column="prompt", completion_column="completion"),
-        GradSpec(projection_dim=4, dtype="float16"),
-    )
+@pytest.mark.parametrize("source", ["prompt-completion", "conversation-reward"])
+def test_structured_build_matches_in_process(ray_session, tmp_path, offline_fixture, source):
+    """Prompt/completion masks, and conversations weighted by advantages whose group means
+    Ray tasks computed, give the in-process rows (conversations of uneven lengths are batched
+    differently by the Ray writes, which moves float32 sums in their last digits)."""
+    data = (DataSpec(str(offline_fixture.queries), prompt_column="prompt", completion_column="completion")
+            if source == "prompt-completion" else
+            DataSpec(str(offline_fixture.conversations), conversation_column="messages", reward_column="reward"))
+    dtype = "float16" if source == "prompt-completion" else "float32"
+    spec = RunSpec(ModelSpec(str(offline_fixture.neox)), data, GradSpec(projection_dim=4, dtype=dtype))
     run = str(tmp_path / "run")
     build_index(run, spec, workers=1)
     ids, vectors = open_index(run).read_matrix()
     ref_ids, ref_vectors = _reference(spec)
     np.testing.assert_array_equal(ids, ref_ids)
-    np.testing.assert_array_equal(vectors, ref_vectors)
-    assert open_index(run).meta.data["completion_column"] == "completion"
+    if dtype == "float16":
+        np.testing.assert_array_equal(vectors, ref_vectors)
+    else:
+        np.testing.assert_allclose(vectors, ref_vectors, rtol=1e-4, atol=1e-5 * np.abs(ref_vectors).max())
+    assert open_index(run).meta.data == dataclasses.asdict(data)
 
 
 def test_appends_are_bounded_by_tokens_and_the_first_is_one_token_batch(offline_fixture, tmp_path):

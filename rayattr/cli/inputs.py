@@ -31,7 +31,7 @@ def fixture(
 
     made = make_fixture(path, seed=seed, variant=variant)
     table = Table("item", "path", title=f"fixture {made.root}")
-    for name in ("tokenizer", "neox", "gpt2", "train", "queries", "ground_truth"):
+    for name in ("tokenizer", "neox", "gpt2", "train", "queries", "ground_truth", "conversations"):
         table.add_row(name, str(getattr(made, name)))
     if train:
         table.add_row("neox-trained", str(train_fixture_model(made, seed=seed)))

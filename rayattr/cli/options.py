@@ -63,6 +63,11 @@ SubsetOpt = Annotated[Optional[str], typer.Option(help="Hub dataset configuratio
 TextColumnOpt = Annotated[str, typer.Option(help="Column of plain documents")]
 PromptColumnOpt = Annotated[Optional[str], typer.Option(help="Prompt column (with --completion-column)")]
 CompletionColumnOpt = Annotated[Optional[str], typer.Option(help="Completion column: loss on the completion only")]
+ConversationColumnOpt = Annotated[Optional[str], typer.Option(
+    help="Column of {role, content} message lists, rendered by the chat template; loss on assistant turns only")]
+RewardColumnOpt = Annotated[Optional[str], typer.Option(
+    help="Reward column: each document's loss times its advantage, reward - mean reward of its prompt (Dr. GRPO)")]
+SkipNanRewardsOpt = Annotated[bool, typer.Option(help="Leave out documents with a NaN reward (counted as skipped) instead of failing")]
 MaxLengthOpt = Annotated[Optional[int], typer.Option(help="Longest document in tokens (default: the model's)")]
 TruncationOpt = Annotated[bool, typer.Option(help="Cut documents longer than --max-length instead of failing")]
 ProjectionDimOpt = Annotated[int, typer.Option(
@@ -101,7 +106,8 @@ KeepGradientsOpt = Annotated[bool, typer.Option(help="Also store the training gr
 def run_spec(
     model: str, dataset: str, split: str = "train", subset: str | None = None, text_column: str = "text",
     prompt_column: str | None = None, completion_column: str | None = None, max_length: int | None = None,
-    truncation: bool = False, precision: Precision = Precision.fp32, **grads,
+    truncation: bool = False, precision: Precision = Precision.fp32, conversation_column: str | None = None,
+    reward_column: str | None = None, skip_nan_rewards: bool = False, **grads,
 ) -> RunSpec:
     """The RunSpec every streaming command builds from its shared options."""
     grads["modules"] = tuple(grads.get("modules") or ("*",))
@@ -114,6 +120,7 @@ def run_spec(
         data=DataSpec(
             dataset=dataset, split=split, subset=subset, text_column=text_column, prompt_column=prompt_column,
             completion_column=completion_column, max_length=max_length, truncation=truncation,
+            conversation_column=conversation_column, reward_column=reward_column, skip_nan_rewards=skip_nan_rewards,
         ),
         grads=GradSpec(**grads),
     )
@@ -125,6 +132,9 @@ def _stream_options(
     text_column: TextColumnOpt = "text",
     prompt_column: PromptColumnOpt = None,
     completion_column: CompletionColumnOpt = None,
+    conversation_column: ConversationColumnOpt = None,
+    reward_column: RewardColumnOpt = None,
+    skip_nan_rewards: SkipNanRewardsOpt = False,
     max_length: MaxLengthOpt = None,
     truncation: TruncationOpt = False,
     projection_dim: ProjectionDimOpt = 16,

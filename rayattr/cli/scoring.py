@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from rayattr.cli.application import app
-from rayattr.cli.options import (AggregationKind, DatasetOpt, ExcludeOpt, HessianPathOpt, IncludeBiasOpt,
+from rayattr.cli.options import (AggregationKind, CompletionColumnOpt, ConversationColumnOpt, DatasetOpt, ExcludeOpt,
+                                 HessianPathOpt, IncludeBiasOpt, PromptColumnOpt, RewardColumnOpt, SkipNanRewardsOpt,
                                  KeepGradientsOpt, LossReduction, LossReductionOpt, MaxLengthOpt, ModelOpt, ModulesOpt,
                                  PerTokenScoresOpt, Precision, PrecisionOpt, ProjectionDimOpt, QueryBatchOpt,
                                  RayAddressOpt, RunPathArg, SaveConfigOpt, ScoreKind, SeedOpt, SplitOpt, TextColumnOpt,
@@ -96,9 +97,15 @@ def trackstar_command(
     split: SplitOpt = "train",
     query_split: Annotated[str, typer.Option(help="Split of the query dataset")] = "train",
     text_column: TextColumnOpt = "text",
+    prompt_column: PromptColumnOpt = None,
+    completion_column: CompletionColumnOpt = None,
+    conversation_column: ConversationColumnOpt = None,
+    reward_column: RewardColumnOpt = None,
+    skip_nan_rewards: SkipNanRewardsOpt = False,
     query_text_column: Annotated[str, typer.Option(help="Text column of the query dataset")] = "text",
     query_prompt_column: Annotated[Optional[str], typer.Option(help="Prompt column of the query dataset")] = None,
     query_completion_column: Annotated[Optional[str], typer.Option(help="Completion column of the query dataset")] = None,
+    query_conversation_column: Annotated[Optional[str], typer.Option(help="Conversation column of the query dataset")] = None,
     max_length: MaxLengthOpt = None,
     truncation: TruncationOpt = False,
     projection_dim: ProjectionDimOpt = 16,
@@ -126,12 +133,15 @@ def trackstar_command(
     """TrackStar end to end: normalizer, mixed second moments, H^-1/2 cosine scoring, top-k."""
     from rayattr.trackstar import TrackstarSpec
 
-    base = run_spec(model, dataset, split, text_column=text_column, max_length=max_length, truncation=truncation,
-                     precision=precision, projection_dim=projection_dim, seed=seed, include_bias=include_bias,
+    base = run_spec(model, dataset, split, text_column=text_column, prompt_column=prompt_column,
+                     completion_column=completion_column, conversation_column=conversation_column,
+                     reward_column=reward_column, skip_nan_rewards=skip_nan_rewards,
+                     max_length=max_length, truncation=truncation, precision=precision, projection_dim=projection_dim, seed=seed, include_bias=include_bias,
                      loss_reduction=loss_reduction, modules=modules, exclude_modules=exclude_modules,
                      token_batch_size=token_batch_size)
     query = DataSpec(query_dataset, split=query_split, text_column=query_text_column, prompt_column=query_prompt_column,
-                     completion_column=query_completion_column, max_length=max_length, truncation=truncation)
+                     completion_column=query_completion_column, conversation_column=query_conversation_column,
+                     max_length=max_length, truncation=truncation)
     spec = TrackstarSpec(run_path, base.model, base.data, query, base.grads, normalizer.value, optimizer_state,
                          stats_sample_size, target_downweight_components, mix, top_k, query_batch_size, per_token,
                          keep_gradients, workers)

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from rayattr.cli.application import app
-from rayattr.cli.options import (AnnMetric, CompletionColumnOpt, DatasetOpt, ModelOpt, PromptColumnOpt, RayAddressOpt,
+from rayattr.cli.options import (AnnMetric, CompletionColumnOpt, ConversationColumnOpt, DatasetOpt, ModelOpt, PromptColumnOpt, RayAddressOpt,
                                  RunPathArg, SaveConfigOpt, SplitOpt, SubsetOpt, TextColumnOpt, VectorDtype, WorkersOpt,
                                  ZeroStageOpt, run_spec, saved, streams_dataset, user_errors)
 from rayattr.cli.render import console, cut, print_progress, progress_bar
@@ -103,6 +103,7 @@ def query_command(
     text_column: TextColumnOpt = "text",
     prompt_column: PromptColumnOpt = None,
     completion_column: CompletionColumnOpt = None,
+    conversation_column: ConversationColumnOpt = None,
     k: Annotated[int, typer.Option("-k", "--k", help="Training rows to show per query")] = 10,
     unit_norm: Annotated[bool, typer.Option("--unit-norm", "--unit-normalize", help="Rank by cosine instead of inner product")] = False,
     hessian: Annotated[str | None, typer.Option("--hessian", "--hessian-path", help="Statistics directory: H^-1 on the query (H^-1/2 both sides with --unit-norm)")] = None,
@@ -125,6 +126,7 @@ def query_command(
         else:
             data = DataSpec(dataset=query_dataset, split=split, subset=subset, text_column=text_column,
                             prompt_column=prompt_column, completion_column=completion_column,
+                            conversation_column=conversation_column,
                             max_length=index.meta.data.get("max_length"), truncation=index.meta.data.get("truncation", False))
             ids, queries = dataset_gradients(index.meta, data, model)
             labels = row_texts(read_rows(data, ids), data)

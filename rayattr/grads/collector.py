@@ -58,9 +58,10 @@ class TokenBatch:
     attention_mask: torch.Tensor  # [B, T] bool
     label_mask: torch.Tensor  # [B, T] bool: token t is a prediction target
     position_ids: torch.Tensor  # [B, T] int64, 0 at each document's first token
+    loss_weight: torch.Tensor | None = None  # [B] float32: each document's loss is scaled by it (rewards)
 
     def to(self, device: torch.device | str) -> TokenBatch:
-        return TokenBatch(*(t.to(device, non_blocking=True) for t in vars(self).values()))
+        return TokenBatch(*(None if t is None else t.to(device, non_blocking=True) for t in vars(self).values()))
 
 
 @dataclass
@@ -68,7 +69,7 @@ class CollectedBatch:
     """Gradients of one batch: a row per document, or per token in per-token mode."""
 
     grads: torch.Tensor  # [rows, D] float32
-    loss: torch.Tensor  # [B] float32 over each document's label tokens (GradSpec.loss_reduction)
+    loss: torch.Tensor  # [B] float32 over each document's label tokens (GradSpec.loss_reduction), times its loss_weight
     row_example: torch.Tensor  # [rows] index of the document in the batch
     row_token_pos: torch.Tensor | None  # [rows] position in the document (per-token mode)
 
@@ -235,6 +236,8 @@ class GradientCollector:
                 use_cache=False,
             ).logits
             loss = per_example_loss(logits, batch.input_ids, batch.label_mask, self.spec.loss_reduction)
+            if batch.loss_weight is not None:
+                loss = loss * batch.loss_weight
             loss.sum().backward()
             missing = [name for name in self._acts]
             if missing:

@@ -64,7 +64,15 @@ def collate(docs: TokenizedDocs, index: np.ndarray, pad_token_id: int, padding_s
     positions = (attention.long().cumsum(1) - 1).clamp(min=0)
     label_start = torch.from_numpy(docs.label_start[index]).unsqueeze(1)
     label_mask = attention & (positions >= label_start.clamp(min=1))
-    return TokenBatch(input_ids, attention, label_mask, positions)
+    if docs.label_masks is not None:
+        marked = torch.zeros_like(attention)
+        for row, i in enumerate(index):
+            mask = torch.from_numpy(docs.label_masks[i])
+            cols = slice(0, len(mask)) if padding_side == "right" else slice(width - len(mask), width)
+            marked[row, cols] = mask
+        label_mask &= marked
+    weight = None if docs.loss_weights is None else torch.from_numpy(docs.loss_weights[index])
+    return TokenBatch(input_ids, attention, label_mask, positions, weight)
 
 
 class GradientEngine:
@@ -160,6 +168,8 @@ class GradientEngine:
         """Token counts, which docs have a loss token, and the token-budget batches (doc indices) of those."""
         lengths = np.array([len(t) for t in docs.tokens], dtype=np.int64)
         has_target = lengths > np.maximum(docs.label_start, 1)
+        if docs.label_masks is not None:  # a conversation without an assistant token has no target
+            has_target &= np.array([bool(mask[1:].any()) for mask in docs.label_masks])
         kept = np.flatnonzero(has_target)
         return lengths, has_target, [kept[b] for b in token_budget_batches(lengths[kept], self.spec.token_batch_size)]
 

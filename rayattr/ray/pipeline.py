@@ -8,6 +8,7 @@ straight into the table, in committed appends bounded by tokens (``APPEND_TOKENS
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -21,7 +22,8 @@ import ray
 import torch
 
 from rayattr.config import DataSpec, GradSpec, RayattrError, RunSpec, verbose
-from rayattr.data import Shard, TokenizedDocs, balance_shards, plan_shards, read_shard, tokenize
+from rayattr.data import (RewardSums, Shard, TokenizedDocs, balance_shards, plan_shards, read_shard, reward_baselines,
+                          shard_reward_sums, tokenize)
 from rayattr.grads.collector import select_modules
 from rayattr.grads.engine import GradientEngine, engine_for
 from rayattr.model import load_config, load_tokenizer, max_positions
@@ -72,7 +74,8 @@ def _probe(address: str, timeout: float = 5.0) -> None:
         raise ConnectionError(f"nothing answers at {address} ({exc})") from exc
 
 
-def read_and_tokenize(shards: pa.Table, data: DataSpec, tokenizer_name: str, revision: str | None, max_length: int) -> Iterator[pa.Table]:
+def read_and_tokenize(shards: pa.Table, data: DataSpec, tokenizer_name: str, revision: str | None, max_length: int,
+                      baselines: dict[str, float] | None = None) -> Iterator[pa.Table]:
     """Ray Data UDF: read each shard (skipping ids already written) and tokenize it."""
     tokenizer = load_tokenizer(tokenizer_name, revision)
     for item in shards.to_pylist():
@@ -82,7 +85,7 @@ def read_and_tokenize(shards: pa.Table, data: DataSpec, tokenizer_name: str, rev
                 keep = np.fromiter((i not in done for i in table.column("id").to_numpy()), bool, table.num_rows)
                 table = table.filter(pa.array(keep))
             if table.num_rows:
-                yield tokenize(table, data, tokenizer, max_length)
+                yield tokenize(table, data, tokenizer, max_length, baselines)
 
 
 class GradientWorker:
@@ -130,7 +133,7 @@ class GradientWorker:
 
     def _parts(self, batch: pa.Table) -> list[tuple[slice, TokenizedDocs]]:
         docs = TokenizedDocs.from_arrow(batch)
-        return [(part, TokenizedDocs(docs.ids[part], docs.tokens[part], docs.label_start[part]))
+        return [(part, docs.take(part))
                 for part in self._append_parts(batch.column("num_tokens").to_numpy())]
 
     def _append_parts(self, num_tokens: np.ndarray) -> list[slice]:
@@ -185,13 +188,21 @@ def prepare(spec: RunSpec, ray_address: str | None, workers: int, start_replicas
 def token_stream(spec: RunSpec, items: list[dict]) -> ray.data.Dataset:
     """Ray Data plan reading and tokenizing shard items (dicts of Shard fields + ``done_ids``)."""
     max_length = min(spec.data.max_length or 10**9, max_positions(load_config(spec.model)))
+    baselines = reward_baselines(spec.data, functools.partial(_reward_sums_as_tasks, spec.data))
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         read_and_tokenize,
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=TOKENIZE_CPUS,
-        fn_kwargs=dict(data=spec.data, tokenizer_name=spec.model.model, revision=spec.model.revision, max_length=max_length),
+        fn_kwargs=dict(data=spec.data, tokenizer_name=spec.model.model, revision=spec.model.revision,
+                       max_length=max_length, baselines=baselines),
     )
+
+
+def _reward_sums_as_tasks(data: DataSpec, shards: list[Shard]) -> list[RewardSums]:
+    """Each shard's reward sums per prompt group, one Ray task per shard (the driver reads no rows)."""
+    sums = ray.remote(num_cpus=TOKENIZE_CPUS)(shard_reward_sums)
+    return ray.get([sums.remote(data, shard) for shard in shards])
 
 
 def shard_items(shards: list[Shard]) -> list[dict]:
