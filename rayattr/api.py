@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from rayattr.config import RunSpec
 from rayattr.data import TokenizedDocs, plan_shards, read_shard, reward_baselines, tokenize
 from rayattr.grads.engine import GradientRows, engine_for
-from rayattr.model import load_tokenizer, max_positions
+from rayattr.model import load_tokenizer, max_positions, tokenizer_source
 from rayattr.ray.entry import build, fit as fit_hessian, score
 from rayattr.ray.progress import BuildProgress
 from rayattr.ray.score import ScoreSettings, read_topk, reduce
@@ -35,7 +35,7 @@ def collect_in_process(spec: RunSpec, docs_per_step: int = 1024) -> Iterator[tup
     Yields ``(meta, rows)`` chunks; the rows equal what ``build_index`` writes.
     """
     engine, meta = engine_for(spec)
-    tokenizer = load_tokenizer(spec.model.model, spec.model.revision)
+    tokenizer = load_tokenizer(tokenizer_source(spec.model), spec.model.revision)
     max_length = min(spec.data.max_length or 10**9, max_positions(engine.model))
     baselines = reward_baselines(spec.data)
     try:

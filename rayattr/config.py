@@ -28,6 +28,7 @@ ProjectionType = Literal[
 KRONECKER_ALIASES = {"kronecker-rademacher": "rademacher", "kronecker-normal": "normal"}
 VectorDtype = Literal["float16", "float32"]
 LossReduction = Literal["sum", "mean"]
+LossFn = Literal["ce", "kl"]
 
 
 ZERO_STAGES = (0, 3)  # 0: a model replica per worker; 3: parameters partitioned over the workers
@@ -88,13 +89,18 @@ def check_zero_stage(stage: int) -> None:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Which causal LM to load and how (local path or hub name)."""
+    """Which causal LM to load and how (local path or hub name).
+
+    ``model`` may be a PEFT adapter directory: the base model then comes from
+    ``base_model``, or else from the adapter's own config.
+    """
 
     model: str
     revision: str | None = None
     precision: Precision = "fp32"
     device: str = "auto"
     attn_implementation: str | None = None
+    base_model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +184,7 @@ class GradSpec:
     row_orthonormal: bool = False  # Kronecker factors with orthogonal rows (QR of the draw)
     include_bias: bool = False  # biased modules' gradients gain the bias column: [G | g_b], in_features + 1
     loss_reduction: LossReduction = "sum"  # "mean": each document's loss divided by its label-token count
+    loss_fn: LossFn = "ce"  # "kl": KL(adapted || base) per label token; needs a PEFT adapter model
 
     def __post_init__(self) -> None:
         if self.projection_dim < 0:
@@ -191,6 +198,8 @@ class GradSpec:
         self._check_kronecker_options()
         if self.loss_reduction not in typing.get_args(LossReduction):
             raise RayattrError(f"--loss-reduction must be sum or mean, got {self.loss_reduction!r}")
+        if self.loss_fn not in typing.get_args(LossFn):
+            raise RayattrError(f"--loss-fn must be ce or kl, got {self.loss_fn!r}")
         if self.token_batch_size < 2:
             raise RayattrError(f"--token-batch-size must be >= 2, got {self.token_batch_size}")
         # Lists from YAML/CLI become tuples so specs stay hashable.
@@ -235,6 +244,8 @@ class GradSpec:
             fields["include_bias"] = True
         if self.loss_reduction != "sum":
             fields["loss_reduction"] = self.loss_reduction
+        if self.loss_fn != "ce":
+            fields["loss_fn"] = self.loss_fn
         return stable_hash(fields)
 
 

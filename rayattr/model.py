@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import hashlib
+import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +17,8 @@ from torch import nn
 from rayattr.config import ModelSpec, RayattrError, stable_hash, verbose
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ADAPTER_CONFIG = "adapter_config.json"  # what makes a directory a PEFT adapter
+ADAPTER_MODULES = ("*.lora_A.*", "*.lora_B.*")  # the default --modules of an adapter model
 
 
 def quiet_transformers() -> None:
@@ -34,35 +40,117 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def adapter_config(spec: ModelSpec) -> dict | None:
+    """The PEFT adapter config when ``spec.model`` is an adapter directory, else None."""
+    path = Path(spec.model) / ADAPTER_CONFIG
+    if "://" not in spec.model and path.is_file():
+        return json.loads(path.read_text())
+    if spec.base_model:
+        raise RayattrError(f"--base-model is for PEFT adapters, and {spec.model!r} has no {ADAPTER_CONFIG}; drop --base-model")
+    return None
+
+
+def base_of(spec: ModelSpec) -> ModelSpec:
+    """The spec of the full model to load: ``spec`` itself, or an adapter's base (``--base-model`` first)."""
+    config = adapter_config(spec)
+    if config is None:
+        return spec
+    base = spec.base_model or config.get("base_model_name_or_path")
+    if not base:
+        raise RayattrError(f"adapter {spec.model!r} names no base model in {ADAPTER_CONFIG}; pass --base-model")
+    return dataclasses.replace(spec, model=base, revision=None, base_model=None)
+
+
+def is_adapted(model: nn.Module) -> bool:
+    """Whether ``model`` carries PEFT adapters (their modules are the default gradient modules)."""
+    return hasattr(model, "peft_config")
+
+
+def tokenizer_source(spec: ModelSpec) -> str:
+    """Where the tokenizer lives: the model, or an adapter's base when the adapter saved none."""
+    if adapter_config(spec) is not None and not (Path(spec.model) / "tokenizer_config.json").is_file():
+        return base_of(spec).model
+    return spec.model
+
+
 def load_config(spec: ModelSpec):
-    """The model's config alone: a cheap early check that the model exists."""
+    """The (base) model's config alone: a cheap early check that the model exists."""
     from transformers import AutoConfig
 
     quiet_transformers()
-
+    base = base_of(spec)
     try:
-        return AutoConfig.from_pretrained(spec.model, revision=spec.revision)
+        return AutoConfig.from_pretrained(base.model, revision=base.revision)
     except (OSError, ValueError) as exc:
         raise RayattrError(
-            f"cannot load model {spec.model!r}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}. "
-            "Pass a local directory saved with save_pretrained or a hub name reachable from this machine"
+            f"cannot load model {base.model!r}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}. "
+            "Pass a local directory saved with save_pretrained (or a PEFT adapter directory) or a hub name "
+            "reachable from this machine"
         ) from exc
 
 
 def load_model(spec: ModelSpec) -> nn.Module:
-    """The causal LM in eval mode on its device, every parameter frozen."""
+    """The causal LM (with its PEFT adapters, for an adapter directory) in eval mode on its device,
+    every parameter frozen."""
     from transformers import AutoModelForCausalLM
 
     config = load_config(spec)  # also quiets transformers unless --verbose
-    kwargs = {"revision": spec.revision, "dtype": _DTYPES[spec.precision]}
+    base = base_of(spec)
+    kwargs = {"revision": base.revision, "dtype": _DTYPES[spec.precision]}
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec.model, config=config, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(base.model, config=config, **kwargs)
     except ValueError as exc:
-        raise RayattrError(f"model {spec.model!r} is not a causal LM ({config.model_type}): {exc}") from exc
+        raise RayattrError(f"model {base.model!r} is not a causal LM ({config.model_type}): {exc}") from exc
+    if base is not spec:
+        model = _with_adapter(model, spec, base.model)
     model.requires_grad_(False)
     return model.eval().to(resolve_device(spec.device))
+
+
+def _with_adapter(model: nn.Module, spec: ModelSpec, base: str) -> nn.Module:
+    from peft import PeftModel
+
+    try:
+        with _quiet_peft():
+            return PeftModel.from_pretrained(model, spec.model, revision=spec.revision)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise RayattrError(
+            f"adapter {spec.model!r} does not fit base model {base!r} ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0][:200]}); pass the model it was trained on with --base-model"
+        ) from exc
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """PEFT calls transformers APIs that warn of their deprecation; shown with ``--verbose`` only."""
+    with warnings.catch_warnings():
+        if not verbose():
+            warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
+def model_skeleton(spec: ModelSpec) -> nn.Module:
+    """The model's modules on the meta device (names and shapes, no weights), adapters included."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(spec)
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+            adapter = adapter_config(spec)
+            if adapter is not None:
+                from peft import PeftConfig, get_peft_model
+
+                with _quiet_peft():
+                    skeleton = get_peft_model(skeleton, PeftConfig.from_pretrained(spec.model))
+    except ValueError as exc:
+        raise RayattrError(
+            f"the model is not a causal LM ({config.model_type}: {str(exc).splitlines()[0]}); "
+            "pass a decoder-only model that AutoModelForCausalLM loads"
+        ) from exc
+    return skeleton
 
 
 @functools.lru_cache(maxsize=4)

@@ -38,7 +38,7 @@ from rayattr.data import TokenizedDocs, plan_shards, read_shard, reward_baseline
 from rayattr.grads.collector import GradientCollector
 from rayattr.grads.engine import engine_for
 from rayattr.grads.normalizer import Normalizer
-from rayattr.model import load_tokenizer, max_positions, model_fingerprint
+from rayattr.model import load_tokenizer, max_positions, model_fingerprint, tokenizer_source
 from rayattr.score import Preprocess, QueryPreprocess, Scorer
 from rayattr.store import (
     GRADIENTS,
@@ -253,7 +253,7 @@ def _gradients(meta: TableMeta, data: DataSpec, tables: Iterable[pa.Table], mode
     try:
         check_model(meta, made.model)
         require_compatible(meta, replace(made, model=meta.model))
-        tokenizer = load_tokenizer(spec.model.model, spec.model.revision)
+        tokenizer = load_tokenizer(tokenizer_source(spec.model), spec.model.revision)
         max_length = min(data.max_length or 10**9, max_positions(engine.model))
         baselines = reward_baselines(data)
         chunks = [engine.rows(TokenizedDocs.from_arrow(tokenize(table, data, tokenizer, max_length, baselines)))

@@ -18,6 +18,7 @@ import ray
 
 from rayattr.api import build_index, collect_in_process, open_index
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
+from rayattr.fixtures.adapter import train_fixture_adapter
 from rayattr.data import TokenizedDocs, plan_shards, read_shard, tokenize
 from rayattr.model import load_tokenizer
 from rayattr.ray.entry import fit
@@ -145,16 +146,22 @@ def test_killed_build_resumes_to_a_complete_table(ray_session, tmp_path, offline
     _assert_same_rows(run, full_reference)
 
 
-@pytest.mark.parametrize("source", ["prompt-completion", "conversation-reward"])
+@pytest.mark.parametrize("source", ["prompt-completion", "conversation-reward", "adapter-kl"])
 def test_structured_build_matches_in_process(ray_session, tmp_path, offline_fixture, source):
-    """Prompt/completion masks, and conversations weighted by advantages whose group means
-    Ray tasks computed, give the in-process rows (conversations of uneven lengths are batched
-    differently by the Ray writes, which moves float32 sums in their last digits)."""
-    data = (DataSpec(str(offline_fixture.queries), prompt_column="prompt", completion_column="completion")
-            if source == "prompt-completion" else
-            DataSpec(str(offline_fixture.conversations), conversation_column="messages", reward_column="reward"))
+    """Prompt/completion masks, conversations weighted by advantages whose group means Ray
+    tasks computed, and a PEFT adapter's KL rows give the in-process rows (conversations of
+    uneven lengths are batched differently by the Ray writes, which moves float32 sums in
+    their last digits)."""
+    model, loss_fn = ModelSpec(str(offline_fixture.neox)), "ce"
+    if source == "prompt-completion":
+        data = DataSpec(str(offline_fixture.queries), prompt_column="prompt", completion_column="completion")
+    elif source == "conversation-reward":
+        data = DataSpec(str(offline_fixture.conversations), conversation_column="messages", reward_column="reward")
+    else:
+        data = DataSpec(str(offline_fixture.queries), prompt_column="prompt", completion_column="completion")
+        model, loss_fn = ModelSpec(str(train_fixture_adapter(offline_fixture))), "kl"
     dtype = "float16" if source == "prompt-completion" else "float32"
-    spec = RunSpec(ModelSpec(str(offline_fixture.neox)), data, GradSpec(projection_dim=4, dtype=dtype))
+    spec = RunSpec(model, data, GradSpec(projection_dim=4, dtype=dtype, loss_fn=loss_fn))
     run = str(tmp_path / "run")
     build_index(run, spec, workers=1)
     ids, vectors = open_index(run).read_matrix()

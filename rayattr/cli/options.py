@@ -38,6 +38,7 @@ AggregationKind = _choices("AggregationKind", AGGREGATIONS)
 ScoreKind = _choices("ScoreKind", SCORE_MODES)
 AnnMetric = _choices("AnnMetric", ("cosine", "dot"))
 LossReduction = _choices("LossReduction", typing.get_args(config.LossReduction))
+LossFn = _choices("LossFn", typing.get_args(config.LossFn))
 
 
 def user_errors(command: Callable) -> Callable:
@@ -56,7 +57,11 @@ def user_errors(command: Callable) -> Callable:
 
 # Options shared by every command that streams a dataset through the model.
 RunPathArg = Annotated[str, typer.Argument(help="Run directory / LanceDB database (local path or URI)")]
-ModelOpt = Annotated[str, typer.Option(help="Local model directory or hub name")]
+ModelOpt = Annotated[str, typer.Option(help="Local model directory, PEFT adapter directory, or hub name")]
+BaseModelOpt = Annotated[Optional[str], typer.Option(
+    help="Base model of a PEFT adapter --model (default: the one its adapter_config.json names)")]
+LossFnOpt = Annotated[LossFn, typer.Option(
+    help="ce: cross-entropy on the label tokens; kl: KL(adapted || base) per label token (a PEFT adapter --model)")]
 DatasetOpt = Annotated[str, typer.Option(help="parquet file/dir, save_to_disk dir, .json/.jsonl/.csv, or hub name")]
 SplitOpt = Annotated[str, typer.Option(help="Split, optionally sliced: train[:1000]")]
 SubsetOpt = Annotated[Optional[str], typer.Option(help="Hub dataset configuration")]
@@ -107,7 +112,7 @@ def run_spec(
     model: str, dataset: str, split: str = "train", subset: str | None = None, text_column: str = "text",
     prompt_column: str | None = None, completion_column: str | None = None, max_length: int | None = None,
     truncation: bool = False, precision: Precision = Precision.fp32, conversation_column: str | None = None,
-    reward_column: str | None = None, skip_nan_rewards: bool = False, **grads,
+    reward_column: str | None = None, skip_nan_rewards: bool = False, base_model: str | None = None, **grads,
 ) -> RunSpec:
     """The RunSpec every streaming command builds from its shared options."""
     grads["modules"] = tuple(grads.get("modules") or ("*",))
@@ -116,7 +121,7 @@ def run_spec(
         if isinstance(value, Enum):
             grads[key] = value.value
     return RunSpec(
-        model=ModelSpec(model=model, precision=precision.value),
+        model=ModelSpec(model=model, precision=precision.value, base_model=base_model),
         data=DataSpec(
             dataset=dataset, split=split, subset=subset, text_column=text_column, prompt_column=prompt_column,
             completion_column=completion_column, max_length=max_length, truncation=truncation,
@@ -145,10 +150,12 @@ def _stream_options(
     seed: SeedOpt = 0,
     include_bias: IncludeBiasOpt = False,
     loss_reduction: LossReductionOpt = LossReduction.sum,
+    loss_fn: LossFnOpt = LossFn.ce,
     modules: ModulesOpt = None,
     exclude_modules: ExcludeOpt = None,
     token_batch_size: TokenBatchOpt = 2048,
     precision: PrecisionOpt = Precision.fp32,
+    base_model: BaseModelOpt = None,
     normalizer: NormalizerOpt = None,
 ) -> None:
     """The options of every command that streams a dataset through the model (a template: never called)."""

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from rayattr.cli.application import app
-from rayattr.cli.options import (AggregationKind, CompletionColumnOpt, ConversationColumnOpt, DatasetOpt, ExcludeOpt,
+from rayattr.cli.options import (AggregationKind, BaseModelOpt, CompletionColumnOpt, LossFn, LossFnOpt, ConversationColumnOpt, DatasetOpt, ExcludeOpt,
                                  HessianPathOpt, IncludeBiasOpt, PromptColumnOpt, RewardColumnOpt, SkipNanRewardsOpt,
                                  KeepGradientsOpt, LossReduction, LossReductionOpt, MaxLengthOpt, ModelOpt, ModulesOpt,
                                  PerTokenScoresOpt, Precision, PrecisionOpt, ProjectionDimOpt, QueryBatchOpt,
@@ -112,10 +112,12 @@ def trackstar_command(
     seed: SeedOpt = 0,
     include_bias: IncludeBiasOpt = False,
     loss_reduction: LossReductionOpt = LossReduction.sum,
+    loss_fn: LossFnOpt = LossFn.ce,
     modules: ModulesOpt = None,
     exclude_modules: ExcludeOpt = None,
     token_batch_size: TokenBatchOpt = 2048,
     precision: PrecisionOpt = Precision.fp32,
+    base_model: BaseModelOpt = None,
     optimizer_state: Annotated[Optional[str], typer.Option(help="optimizer.pt for the normalizer (without it, --normalizer adafactor|adam fits one from data)")] = None,
     normalizer: Annotated[TrackstarNormalizer, typer.Option(
         help="Normalizer kind; auto: adafactor from --optimizer-state when given, else none")] = TrackstarNormalizer.auto,
@@ -137,8 +139,8 @@ def trackstar_command(
                      completion_column=completion_column, conversation_column=conversation_column,
                      reward_column=reward_column, skip_nan_rewards=skip_nan_rewards,
                      max_length=max_length, truncation=truncation, precision=precision, projection_dim=projection_dim, seed=seed, include_bias=include_bias,
-                     loss_reduction=loss_reduction, modules=modules, exclude_modules=exclude_modules,
-                     token_batch_size=token_batch_size)
+                     loss_reduction=loss_reduction, loss_fn=loss_fn, modules=modules, exclude_modules=exclude_modules,
+                     token_batch_size=token_batch_size, base_model=base_model)
     query = DataSpec(query_dataset, split=query_split, text_column=query_text_column, prompt_column=query_prompt_column,
                      completion_column=query_completion_column, conversation_column=query_conversation_column,
                      max_length=max_length, truncation=truncation)

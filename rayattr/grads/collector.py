@@ -22,15 +22,16 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from rayattr.config import GradSpec, LossReduction, RayattrError
+from rayattr.config import GradSpec, RayattrError
 from rayattr.grads.allocation import allocate_ranks
+from rayattr.grads.objective import TokenBatch, document_loss
 from rayattr.grads.normalizer import Normalizer
 from rayattr.grads.projection import KroneckerProjection, module_projection
 from rayattr.grads.sketch import make_sketch
+from rayattr.model import ADAPTER_MODULES, is_adapted
 
 
 @dataclass(frozen=True)
@@ -48,20 +49,6 @@ class ModuleLayout:
     @property
     def width(self) -> int:
         return self.p_out * self.p_in
-
-
-@dataclass
-class TokenBatch:
-    """A padded batch of documents, ready for the model."""
-
-    input_ids: torch.Tensor  # [B, T] int64
-    attention_mask: torch.Tensor  # [B, T] bool
-    label_mask: torch.Tensor  # [B, T] bool: token t is a prediction target
-    position_ids: torch.Tensor  # [B, T] int64, 0 at each document's first token
-    loss_weight: torch.Tensor | None = None  # [B] float32: each document's loss is scaled by it (rewards)
-
-    def to(self, device: torch.device | str) -> TokenBatch:
-        return TokenBatch(*(None if t is None else t.to(device, non_blocking=True) for t in vars(self).values()))
 
 
 @dataclass
@@ -95,11 +82,14 @@ def select_modules(
 ) -> dict[str, tuple[int, int]]:
     """Linear/Conv1D modules whose names match an include glob and no exclude glob.
 
-    Returns ``{name: (out, in)}`` in the model's module order, which fixes the
+    A model with PEFT adapters reads the default ``("*",)`` as its adapter modules
+    (``lora_A``/``lora_B``), the only ones the fine-tune changed. Returns ``{name: (out, in)}`` in the model's module order, which fixes the
     layout of every gradient row. With ``include_bias`` a biased module's
     gradient is ``[G | g_b]``, the weight gradient of its inputs with a ones
     column appended.
     """
+    if include == ("*",) and is_adapted(model):
+        include = ADAPTER_MODULES
     candidates = {
         name: shape for name, m in model.named_modules() if (shape := _linear_shape(m, include_bias)) is not None
     }
@@ -155,6 +145,9 @@ class GradientCollector:
     def __init__(self, model: nn.Module, spec: GradSpec, normalizer: Normalizer | None = None) -> None:
         self.model = model
         self.spec = spec
+        if spec.loss_fn == "kl" and not is_adapted(model):
+            raise RayattrError("--loss-fn kl compares the model with its PEFT adapters disabled: pass a PEFT "
+                               "adapter directory as --model, or use --loss-fn ce")
         shapes = select_modules(model, spec.modules, spec.exclude_modules, spec.include_bias)
         modules = dict(model.named_modules())
         biased = frozenset(name for name in shapes if spec.include_bias and has_bias(modules[name]))
@@ -229,15 +222,7 @@ class GradientCollector:
         self._valid = valid.unsqueeze(-1)
         self._out = torch.zeros(rows, self.width if emit_rows else 0, device=valid.device, dtype=torch.float32)
         try:
-            logits = self.model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask.long(),
-                position_ids=batch.position_ids,
-                use_cache=False,
-            ).logits
-            loss = per_example_loss(logits, batch.input_ids, batch.label_mask, self.spec.loss_reduction)
-            if batch.loss_weight is not None:
-                loss = loss * batch.loss_weight
+            loss = document_loss(self.model, batch, self.spec)
             loss.sum().backward()
             missing = [name for name in self._acts]
             if missing:
@@ -327,17 +312,6 @@ class GradientCollector:
             return torch.bmm(grad.transpose(1, 2), acts)
         mask = self._token_rows
         return grad[mask].unsqueeze(2) * acts[mask].unsqueeze(1)
-
-
-def per_example_loss(
-    logits: torch.Tensor, input_ids: torch.Tensor, label_mask: torch.Tensor, reduction: LossReduction = "sum"
-) -> torch.Tensor:
-    """Causal-LM cross-entropy over each document's label tokens, ``[B]``: their sum, or
-    (``"mean"``) their mean, which weighs every document alike whatever its length."""
-    targets = label_mask[:, 1:]
-    token_loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
-    summed = token_loss.masked_fill(~targets, 0.0).sum(1)
-    return summed / targets.sum(1).clamp(min=1) if reduction == "mean" else summed
 
 
 def _require_grad(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:

@@ -16,9 +16,10 @@ from torch import nn
 
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec, to_dict
 from rayattr.data import TokenizedDocs, token_budget_batches
-from rayattr.grads.collector import GradientCollector, ModuleLayout, TokenBatch
+from rayattr.grads.collector import GradientCollector, ModuleLayout
+from rayattr.grads.objective import TokenBatch
 from rayattr.grads.normalizer import Normalizer
-from rayattr.model import load_model, load_tokenizer, model_fingerprint
+from rayattr.model import load_model, load_tokenizer, model_fingerprint, tokenizer_source
 from rayattr.space import TableMeta
 
 _NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -134,6 +135,8 @@ class GradientEngine:
             meta["include_bias"] = True
         if spec.loss_reduction != "sum":
             meta["loss_reduction"] = spec.loss_reduction
+        if spec.loss_fn != "ce":
+            meta["loss_fn"] = spec.loss_fn
         return meta
 
     def rows(self, docs: TokenizedDocs) -> GradientRows:
@@ -218,7 +221,7 @@ def engine_for(spec: RunSpec) -> tuple[GradientEngine, TableMeta]:
     produce identical rows and identical table metadata.
     """
     model = load_model(spec.model)
-    tokenizer = load_tokenizer(spec.model.model, spec.model.revision)
+    tokenizer = load_tokenizer(tokenizer_source(spec.model), spec.model.revision)
     normalizer = Normalizer.load(spec.grads.normalizer) if spec.grads.normalizer else None
     engine = GradientEngine(model, spec.grads, tokenizer.pad_token_id, normalizer=normalizer)
     return engine, engine.table_meta(model_fingerprint(model, spec.model), spec.data, spec.model)

@@ -21,12 +21,12 @@ import pyarrow as pa
 import ray
 import torch
 
-from rayattr.config import DataSpec, GradSpec, RayattrError, RunSpec, verbose
+from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec, verbose
 from rayattr.data import (RewardSums, Shard, TokenizedDocs, balance_shards, plan_shards, read_shard, reward_baselines,
                           shard_reward_sums, tokenize)
 from rayattr.grads.collector import select_modules
 from rayattr.grads.engine import GradientEngine, engine_for
-from rayattr.model import load_config, load_tokenizer, max_positions
+from rayattr.model import load_config, load_tokenizer, max_positions, model_skeleton, tokenizer_source
 from rayattr.ray.progress import BuildProgress, count_summaries, summary_rows
 from rayattr.ray.replicas import TOKENIZE_CPUS, Job, replicas
 from rayattr.score import QueryPreprocess
@@ -149,22 +149,10 @@ class GradientWorker:
         return parts
 
 
-def check_modules(model_config, grads: GradSpec) -> None:
-    """Fail on the driver, before any worker starts, when the module globs select nothing.
-
-    The model is instantiated on the meta device: names and shapes, no weights.
-    """
-    from transformers import AutoModelForCausalLM
-
-    try:
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(model_config)
-    except ValueError as exc:
-        raise RayattrError(
-            f"the model is not a causal LM ({model_config.model_type}: {str(exc).splitlines()[0]}); "
-            "pass a decoder-only model that AutoModelForCausalLM loads"
-        ) from exc
-    select_modules(skeleton, grads.modules, grads.exclude_modules)
+def check_modules(model: ModelSpec, grads: GradSpec) -> None:
+    """Fail on the driver, before any worker starts, when the module globs select nothing
+    (on the model's meta-device skeleton: names and shapes, no weights)."""
+    select_modules(model_skeleton(model), grads.modules, grads.exclude_modules)
 
 
 SHARDS_PER_WORKER = 4  # enough blocks that no worker waits for another's last shard
@@ -177,7 +165,7 @@ def prepare(spec: RunSpec, ray_address: str | None, workers: int, start_replicas
     # The checks import the model's code before Ray starts: in a `ray job submit` driver the
     # current directory is gone once the first actor has started (Ray's working_dir runtime
     # env), and imports that read it (torch._dynamo's) then fail.
-    check_modules(load_config(spec.model), spec.grads)
+    check_modules(spec.model, spec.grads)
     shards = plan_shards(spec.data)
     ensure_ray(ray_address)
     if start_replicas:  # their processes start and import while the driver plans the stream
@@ -194,7 +182,7 @@ def token_stream(spec: RunSpec, items: list[dict]) -> ray.data.Dataset:
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=TOKENIZE_CPUS,
-        fn_kwargs=dict(data=spec.data, tokenizer_name=spec.model.model, revision=spec.model.revision,
+        fn_kwargs=dict(data=spec.data, tokenizer_name=tokenizer_source(spec.model), revision=spec.model.revision,
                        max_length=max_length, baselines=baselines),
     )
 
