@@ -185,6 +185,8 @@ class GradSpec:
     include_bias: bool = False  # biased modules' gradients gain the bias column: [G | g_b], in_features + 1
     loss_reduction: LossReduction = "sum"  # "mean": each document's loss divided by its label-token count
     loss_fn: LossFn = "ce"  # "kl": KL(adapted || base) per label token; needs a PEFT adapter model
+    split_attention: tuple[str, ...] = ()  # globs of attention projections cut into per-head blocks
+    num_heads: int | None = None  # heads of --split-attention; None: the model config's
 
     def __post_init__(self) -> None:
         if self.projection_dim < 0:
@@ -202,9 +204,15 @@ class GradSpec:
             raise RayattrError(f"--loss-fn must be ce or kl, got {self.loss_fn!r}")
         if self.token_batch_size < 2:
             raise RayattrError(f"--token-batch-size must be >= 2, got {self.token_batch_size}")
+        if self.num_heads is not None and self.num_heads < 1:
+            raise RayattrError(f"--num-heads must be >= 1, got {self.num_heads}")
+        if self.split_attention and self.include_bias:
+            raise RayattrError("--split-attention and --include-bias together are not supported: a bias belongs to "
+                               "no single head of an output projection; drop one of them")
         # Lists from YAML/CLI become tuples so specs stay hashable.
         object.__setattr__(self, "modules", tuple(self.modules))
         object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
+        object.__setattr__(self, "split_attention", tuple(self.split_attention))
 
     def _check_kronecker_options(self) -> None:
         """Rank allocation and orthonormal rows shape Kronecker factors; refuse them elsewhere."""
@@ -246,6 +254,8 @@ class GradSpec:
             fields["loss_reduction"] = self.loss_reduction
         if self.loss_fn != "ce":
             fields["loss_fn"] = self.loss_fn
+        if self.split_attention:
+            fields |= {"split_attention": list(self.split_attention), "num_heads": self.num_heads}
         return stable_hash(fields)
 
 

@@ -88,6 +88,9 @@ IncludeBiasOpt = Annotated[bool, typer.Option(
     help="Also attribute through biases: a biased module's gradient is [G | g_b] (kronfluence's convention)")]
 LossReductionOpt = Annotated[LossReduction, typer.Option(
     help="Each document's loss: sum over its label tokens (Bergson's and kronfluence's convention), or mean")]
+SplitAttentionOpt = Annotated[Optional[list[str]], typer.Option(
+    help="Glob of attention projections whose gradient is cut into one block per head (repeatable)")]
+NumHeadsOpt = Annotated[Optional[int], typer.Option(help="Heads of --split-attention (default: the model config's)")]
 ModulesOpt = Annotated[Optional[list[str]], typer.Option(help="Glob of module names to include (repeatable)")]
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option(help="Glob of module names to exclude (repeatable)")]
 TokenBatchOpt = Annotated[int, typer.Option(help="Padded tokens per forward/backward batch")]
@@ -117,6 +120,7 @@ def run_spec(
     """The RunSpec every streaming command builds from its shared options."""
     grads["modules"] = tuple(grads.get("modules") or ("*",))
     grads["exclude_modules"] = tuple(grads.get("exclude_modules") or ())
+    grads["split_attention"] = tuple(grads.get("split_attention") or ())
     for key, value in list(grads.items()):
         if isinstance(value, Enum):
             grads[key] = value.value
@@ -153,6 +157,8 @@ def _stream_options(
     loss_fn: LossFnOpt = LossFn.ce,
     modules: ModulesOpt = None,
     exclude_modules: ExcludeOpt = None,
+    split_attention: SplitAttentionOpt = None,
+    num_heads: NumHeadsOpt = None,
     token_batch_size: TokenBatchOpt = 2048,
     precision: PrecisionOpt = Precision.fp32,
     base_model: BaseModelOpt = None,

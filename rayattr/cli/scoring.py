@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from rayattr.cli.application import app
-from rayattr.cli.options import (AggregationKind, BaseModelOpt, CompletionColumnOpt, LossFn, LossFnOpt, ConversationColumnOpt, DatasetOpt, ExcludeOpt,
+from rayattr.cli.options import (AggregationKind, BaseModelOpt, CompletionColumnOpt, LossFn, LossFnOpt, NumHeadsOpt,
+                                 SplitAttentionOpt, ConversationColumnOpt, DatasetOpt, ExcludeOpt,
                                  HessianPathOpt, IncludeBiasOpt, PromptColumnOpt, RewardColumnOpt, SkipNanRewardsOpt,
                                  KeepGradientsOpt, LossReduction, LossReductionOpt, MaxLengthOpt, ModelOpt, ModulesOpt,
                                  PerTokenScoresOpt, Precision, PrecisionOpt, ProjectionDimOpt, QueryBatchOpt,
@@ -115,6 +116,8 @@ def trackstar_command(
     loss_fn: LossFnOpt = LossFn.ce,
     modules: ModulesOpt = None,
     exclude_modules: ExcludeOpt = None,
+    split_attention: SplitAttentionOpt = None,
+    num_heads: NumHeadsOpt = None,
     token_batch_size: TokenBatchOpt = 2048,
     precision: PrecisionOpt = Precision.fp32,
     base_model: BaseModelOpt = None,
@@ -140,7 +143,8 @@ def trackstar_command(
                      reward_column=reward_column, skip_nan_rewards=skip_nan_rewards,
                      max_length=max_length, truncation=truncation, precision=precision, projection_dim=projection_dim, seed=seed, include_bias=include_bias,
                      loss_reduction=loss_reduction, loss_fn=loss_fn, modules=modules, exclude_modules=exclude_modules,
-                     token_batch_size=token_batch_size, base_model=base_model)
+                     split_attention=split_attention, num_heads=num_heads, token_batch_size=token_batch_size,
+                     base_model=base_model)
     query = DataSpec(query_dataset, split=query_split, text_column=query_text_column, prompt_column=query_prompt_column,
                      completion_column=query_completion_column, conversation_column=query_conversation_column,
                      max_length=max_length, truncation=truncation)

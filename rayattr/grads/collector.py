@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 
 import torch
@@ -27,6 +27,7 @@ from transformers.pytorch_utils import Conv1D
 
 from rayattr.config import GradSpec, RayattrError
 from rayattr.grads.allocation import allocate_ranks
+from rayattr.grads.heads import HeadSource, split_heads
 from rayattr.grads.objective import TokenBatch, document_loss
 from rayattr.grads.normalizer import Normalizer
 from rayattr.grads.projection import KroneckerProjection, module_projection
@@ -45,10 +46,21 @@ class ModuleLayout:
     p_in: int
     offset: int
     bias: bool = False  # in_features counts a ones column appended to the inputs: [G | g_b]
+    head: HeadSource | None = None  # a head block (rayattr.grads.heads): (module, axis, first index)
 
     @property
     def width(self) -> int:
         return self.p_out * self.p_in
+
+    @property
+    def module(self) -> str:
+        """The model module whose gradient this block is (itself, or the module of a head block)."""
+        return self.head[0] if self.head else self.name
+
+    def to_meta(self) -> dict:
+        """The layout as table metadata records it, JSON-shaped (``head`` only for head blocks)."""
+        meta = {k: v for k, v in asdict(self).items() if k != "head"}
+        return meta | ({"head": list(self.head)} if self.head else {}) | {"width": self.width}
 
 
 @dataclass
@@ -119,14 +131,17 @@ def projection_sizes(shapes: dict[str, tuple[int, int]], spec: GradSpec) -> dict
 
 
 def plan_layout(
-    shapes: dict[str, tuple[int, int]], spec: GradSpec, biased: frozenset[str] = frozenset()
+    shapes: dict[str, tuple[int, int]], spec: GradSpec, biased: frozenset[str] = frozenset(),
+    heads: dict[str, HeadSource] | None = None,
 ) -> list[ModuleLayout]:
     """Assign each module its ``p_out x p_in`` slice of the row vector (before any sketch);
-    ``biased`` names the modules whose ``in`` counts a bias column."""
+    ``biased`` names the modules whose ``in`` counts a bias column, ``heads`` the head blocks' sources."""
     layouts, offset = [], 0
+    heads = heads or {}
     for name, (p_out, p_in) in projection_sizes(shapes, spec).items():
         out_features, in_features = shapes[name]
-        layouts.append(ModuleLayout(name, out_features, in_features, p_out, p_in, offset, name in biased))
+        layouts.append(ModuleLayout(name, out_features, in_features, p_out, p_in, offset, name in biased,
+                                    heads.get(name)))
         offset += p_out * p_in
     return layouts
 
@@ -151,7 +166,8 @@ class GradientCollector:
         shapes = select_modules(model, spec.modules, spec.exclude_modules, spec.include_bias)
         modules = dict(model.named_modules())
         biased = frozenset(name for name in shapes if spec.include_bias and has_bias(modules[name]))
-        self.layouts = plan_layout(shapes, spec, biased)
+        shapes, heads = split_heads(model, shapes, spec)
+        self.layouts = plan_layout(shapes, spec, biased, heads)
         self.width = sum(layout.width for layout in self.layouts)  # the hooks' row, before any sketch
         self.device = device = next(model.parameters()).device
         self.sketch = None
@@ -181,7 +197,7 @@ class GradientCollector:
                 self.projections[layout.name] = KroneckerProjection(left, right)
         model.requires_grad_(False)
         self._handles = [
-            modules[layout.name].register_forward_hook(partial(self._on_forward, layout)) for layout in self.layouts
+            modules[layout.module].register_forward_hook(partial(self._on_forward, layout)) for layout in self.layouts
         ]
         self._handles.append(model.get_input_embeddings().register_forward_hook(_require_grad))
         # Optional per-token observer ``tap(module, a[n, p_in], g[n, p_out])`` of the valid
@@ -266,6 +282,8 @@ class GradientCollector:
         if layout.name in self._acts:
             raise RayattrError(f"module {layout.name} ran twice in one forward pass; exclude it with --exclude-modules")
         acts = inputs[0].float()
+        if layout.head and layout.head[1] == "in":
+            acts = acts[..., layout.head[2] : layout.head[2] + layout.in_features]
         if layout.bias:
             acts = torch.cat([acts, acts.new_ones(*acts.shape[:-1], 1)], dim=-1)
         if self._summed:
@@ -282,6 +300,8 @@ class GradientCollector:
     def _on_backward(self, layout: ModuleLayout, grad: torch.Tensor) -> None:
         acts = self._acts.pop(layout.name)
         grad = grad.float()
+        if layout.head and layout.head[1] == "out":
+            grad = grad[..., layout.head[2] : layout.head[2] + layout.out_features]
         scale = self.scales.get(layout.name)
         projection = self.projections.get(layout.name)
         target = self._out[:, layout.offset : layout.offset + layout.width]

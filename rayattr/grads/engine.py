@@ -6,7 +6,7 @@ distributed build equals an in-process one row by row.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -106,7 +106,7 @@ class GradientEngine:
         """The description every table of this engine's rows carries."""
         return TableMeta(
             model=model_fingerprint,
-            modules=[asdict(layout) | {"width": layout.width} for layout in self.layouts],
+            modules=[layout.to_meta() for layout in self.layouts],
             projection=self.projection_meta(),
             dtype=self.spec.dtype,
             dim=self.dim,
