@@ -53,7 +53,7 @@ class ScoreConfig:
     """`rayattr score`: ``spec`` scores on the fly, ``index_path`` scores a built table."""
 
     run_path: str
-    query_path: str
+    query_path: str | None  # None with settings.self_influence
     settings: ScoreSettings = dataclasses.field(default_factory=ScoreSettings)
     spec: RunSpec | None = None
     index_path: str | None = None

@@ -18,9 +18,10 @@ from rayattr.hessian.precondition import Preconditioner
 from rayattr.space import TableMeta
 
 Aggregation = Literal["none", "mean", "sum"]
-ScoreMode = Literal["individual", "mean", "nearest"]
+ScoreMode = Literal["individual", "mean", "nearest", "max"]
 AGGREGATIONS = ("none", "mean", "sum")
-SCORE_MODES = ("individual", "mean", "nearest")
+SCORE_MODES = ("individual", "mean", "nearest", "max")  # max: another name of nearest
+
 _TINY = 1e-30
 
 
@@ -52,9 +53,11 @@ class Preprocess:
         return unit_normalize(rows) if self.unit_normalize else rows
 
 
-def check_mode(mode: str) -> None:
+def canonical_mode(mode: str) -> ScoreMode:
+    """The mode's one name (``max`` is ``nearest``), or a one-line error for an unknown one."""
     if mode not in SCORE_MODES:
         raise RayattrError(f"unknown --score {mode!r}; choose one of {', '.join(SCORE_MODES)}")
+    return "nearest" if mode == "max" else mode
 
 
 @dataclass
@@ -63,7 +66,7 @@ class Scorer:
 
     ``mode`` individual keeps a score per query; mean averages them (equal to
     scoring against the mean query, since the index side does not depend on
-    the query); nearest keeps the best query's score. Queries are multiplied
+    the query); nearest (or max) keeps the best query's score. Queries are multiplied
     ``query_batch_size`` at a time, so the temporary ``[rows, queries]`` block
     stays bounded however many queries there are.
     """
@@ -74,7 +77,7 @@ class Scorer:
     query_batch_size: int = 1024
 
     def __post_init__(self) -> None:
-        check_mode(self.mode)
+        self.mode = canonical_mode(self.mode)
         if self.queries.shape[0] == 0:
             raise RayattrError("the query set has no gradients (empty, or no document had a loss token)")
         if self.mode == "mean":
@@ -132,6 +135,24 @@ class Scorer:
 
     def _reduce_queries(self, scores: torch.Tensor) -> torch.Tensor:
         return scores.max(1, keepdim=True).values if self.mode == "nearest" else scores
+
+
+@dataclass
+class SelfScorer:
+    """Each row's self-influence, ``g^T H^-1 g`` (``|g|^2`` without a preconditioner): one score per row.
+
+    The preconditioner is loaded at power -1; ``g^T H^-1 g = |H^-1/2 g|^2``, so it is
+    also the squared norm of the row TrackStar's cosine would unit-normalize.
+    """
+
+    preconditioner: Preconditioner | None = None
+    width: int = 1
+
+    def score(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[N, D]`` raw gradient rows -> ``[N, 1]`` self-influence (float64 sums, float32 out)."""
+        rows = rows.float()
+        applied = self.preconditioner.apply(rows) if self.preconditioner is not None else rows
+        return (rows.double() * applied.double()).sum(1, keepdim=True).float()
 
 
 @dataclass(frozen=True)

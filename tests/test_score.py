@@ -160,10 +160,36 @@ def test_aggregated_and_reduce_time_preconditioned_queries_equal_brute_force(mic
     assert rel_err(inner_h, x @ (h_inv @ q.sum(0, keepdims=True).T)) <= 1e-4
     early = scored(root, "cosine-h-early", "q-unit-h", ScoreSettings(unit_normalize=True, hessian=stats))
     assert rel_err(early, unit(x @ h_half) @ unit(q @ h_half).T) <= 1e-4
+    reduce(str(root / "q-less"), query_spec, aggregation="mean", unit_normalize=True)  # LESS: mean of unit queries
+    less = scored(root, "less", "q-less", ScoreSettings(unit_normalize=True))
+    assert rel_err(less, unit(x) @ unit(unit(q).mean(0, keepdims=True)).T) <= 1e-4
+    nearest = scored(root, "max", "q-raw", ScoreSettings(mode="max"))
+    assert rel_err(nearest, (x @ q.T).max(1, keepdims=True)) <= 1e-4
     with pytest.raises(RayattrError, match="unit-normalized but scoring is by inner product"):
         scored(root, "bad", "q-unit-h", ScoreSettings(hessian=stats))
     with pytest.raises(RayattrError, match="does not match this scoring"):
         scored(root, "bad", "q-unit-h", ScoreSettings(unit_normalize=True))
+
+
+@pytest.mark.parametrize("micro_run", [None], indirect=True)
+def test_self_influence_equals_brute_force_on_the_fly_and_from_an_index(micro_run, micro_model, data):
+    """``g^T H^-1 g`` per training row (``|g|^2`` without statistics), streaming, either way."""
+    _, root, _, x, _, widths = micro_run
+    stats = str(root / "stats")
+    want = np.einsum("nd,de,ne->n", x, dense_power(x, widths, -1.0), x)[:, None]
+    settings = ScoreSettings(self_influence=True, hessian=stats)
+    score(str(root / "self-index"), None, settings, index_path=str(root / "index"))
+    spec = RunSpec(ModelSpec(micro_model), data[0], GradSpec(projection_dim=0, modules=MODULES))
+    score(str(root / "self-fly"), None, settings, spec=spec)
+    score(str(root / "self-plain"), None, ScoreSettings(self_influence=True), index_path=str(root / "index"))
+    for name, expected in (("self-index", want), ("self-fly", want), ("self-plain", (x * x).sum(1, keepdims=True))):
+        ids, got = read_scores(str(root / name))
+        np.testing.assert_array_equal(ids, np.arange(INDEX_DOCS))
+        assert rel_err(got, expected) <= 1e-4
+    with pytest.raises(RayattrError, match="--self scores each document's g\\^T H\\^-1 g: drop --unit-normalize"):
+        ScoreSettings(self_influence=True, unit_normalize=True)
+    with pytest.raises(RayattrError, match="--query-path.*or each document's self-influence \\(--self\\), one of them"):
+        score(str(root / "bad"), str(root / "q-raw"), settings, index_path=str(root / "index"))
 
 
 @pytest.fixture(scope="module")

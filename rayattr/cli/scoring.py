@@ -52,13 +52,14 @@ def reduce_command(
 @streams_dataset()
 def score_command(
     run_path: RunPathArg,
-    query_path: Annotated[str, typer.Option(help="Run path of `rayattr reduce` (its gradients table are the queries)")],
+    query_path: Annotated[Optional[str], typer.Option(help="Run path of `rayattr reduce` (its gradients table are the queries)")] = None,
+    self_influence: Annotated[bool, typer.Option("--self", help="Each document's self-influence g^T H^-1 g (with --hessian-path; |g|^2 without) instead of queries")] = False,
     model: Annotated[Optional[str], typer.Option(help="Score on the fly: local model directory or hub name")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="Score on the fly: the training dataset")] = None,
     index_path: Annotated[Optional[str], typer.Option(help="Score a `rayattr build` table instead of recomputing")] = None,
     unit_normalize: UnitNormalizeOpt = False,
     hessian_path: HessianPathOpt = None,
-    score: Annotated[ScoreKind, typer.Option(help="A score per query, their mean, or the nearest query's")] = ScoreKind.individual,
+    score: Annotated[ScoreKind, typer.Option(help="A score per query, their mean, or the nearest query's (max)")] = ScoreKind.individual,
     top_k: TopKOpt = 50,
     query_batch_size: QueryBatchOpt = 1024,
     per_token: PerTokenScoresOpt = False,
@@ -77,7 +78,8 @@ def score_command(
     if index_path is None and (model is None or dataset is None):
         raise RayattrError("pass --model and --dataset to score on the fly, or --index-path to score a built table")
     spec = run_spec(model, dataset, **options) if index_path is None else None
-    settings = ScoreSettings(score.value, unit_normalize, hessian_path, per_token, top_k, query_batch_size, keep_gradients)
+    settings = ScoreSettings(score.value, unit_normalize, hessian_path, per_token, top_k, query_batch_size, keep_gradients,
+                             self_influence)
     check_zero_stage(zero_stage)
     if saved(save_config, ScoreConfig(run_path, query_path, settings, spec, index_path, workers, zero_stage)):
         return

@@ -59,11 +59,12 @@ def fit(out_dir: str, spec: RunSpec, method: str, *, workers: int = 1, ray_addre
 
 
 def score(
-    run_path: str, query_path: str, settings: ScoreSettings, *, spec: RunSpec | None = None,
+    run_path: str, query_path: str | None, settings: ScoreSettings, *, spec: RunSpec | None = None,
     index_path: str | None = None, workers: int = 1, ray_address: str | None = None,
     docs_per_write: int = 256, on_progress: Callable[[BuildProgress], None] | None = None, zero_stage: int = 0,
 ) -> ScoreResult:
-    """Score a training set (``spec``: on the fly; ``index_path``: a gradient table) against a query table."""
+    """Score a training set (``spec``: on the fly; ``index_path``: a gradient table) against a query table,
+    or each row against itself (``settings.self_influence``)."""
     check_zero_stage(zero_stage)
     if zero_stage and spec is None:
         raise RayattrError("--zero-stage 3 partitions a model, and scoring a built table (--index-path) runs none; drop it")

@@ -11,7 +11,6 @@ Top-k per query is cut per block on the workers and merged on the driver.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,15 +23,15 @@ import torch
 from rayattr.config import RayattrError, RunSpec, stable_hash
 from rayattr.data import TokenizedDocs
 from rayattr.grads.engine import GradientEngine, engine_for
-from rayattr.hessian.precondition import Preconditioner
 from rayattr.ray.pipeline import completion, drain, ensure_ray, prepare, replica_build, resume_plan, token_stream
 from rayattr.ray.progress import BuildProgress, summary_rows
+from rayattr.ray.queries import QuerySet, ScoreSettings, SelfInfluence, load_queries, self_influence
 from rayattr.ray.replicas import TOKENIZE_CPUS, Job, replicas
-from rayattr.score import Aggregation, Preprocess, QueryPreprocess, Scorer, ScoreMode, aggregate, check_mode
+from rayattr.score import Aggregation, QueryPreprocess, aggregate
 from rayattr.space import TableMeta
 from rayattr.store import (
     GRADIENTS, META_KEY, Completion, SCORES, TOKEN_SCORES, TOPK, GradientTable, ScoreMeta, ScoreTable, connect,
-    require_compatible, table_exists, vectors_of,
+    table_exists, vectors_of,
 )
 from rayattr.topk import TopK
 
@@ -88,91 +87,6 @@ def _write_aggregate(run_path: str, examples: GradientTable, aggregation: Aggreg
     }))
 
 
-@dataclass(frozen=True)
-class ScoreSettings:
-    """How training rows are scored against the queries."""
-
-    mode: ScoreMode = "individual"
-    unit_normalize: bool = False  # cosine: H^-1/2 (if any) then unit norm on both sides
-    hessian: str | None = None
-    per_token: bool = False
-    top_k: int = 50
-    query_batch_size: int = 1024
-    keep_gradients: bool = False  # on the fly: also write the raw training gradients (table ``gradients``)
-
-    def __post_init__(self) -> None:
-        check_mode(self.mode)
-        if self.top_k < 1 or self.query_batch_size < 1:
-            raise RayattrError(f"--top-k and --query-batch-size must be >= 1, got {self.top_k} and {self.query_batch_size}")
-
-
-@dataclass
-class QuerySet:
-    """Preprocessed query vectors and the index-side preprocessing that matches them."""
-
-    ids: np.ndarray
-    vectors: torch.Tensor
-    meta: TableMeta
-    index_side: Preprocess
-
-    @property
-    def fingerprint(self) -> str:
-        return hashlib.sha256(self.vectors.numpy().tobytes()).hexdigest()[:16]
-
-
-def load_queries(query_path: str, settings: ScoreSettings) -> QuerySet:
-    """Read a query table and finish its preprocessing for these settings.
-
-    ``reduce`` may already have applied the preconditioner; scoring applies
-    it here otherwise, so both routes give the same vectors. Combinations
-    that cannot be repaired (a query unit-normalized before preconditioning,
-    preconditioned for cosine but scored by inner product...) are errors.
-    """
-    table = GradientTable.open(query_path)
-    meta = table.meta
-    if meta.per_token:
-        raise RayattrError(f"{query_path} holds per-token rows; make the query with `rayattr reduce` (per document)")
-    if meta.unit_normalized and not settings.unit_normalize:
-        raise RayattrError(
-            f"the query in {query_path} is unit-normalized but scoring is by inner product; "
-            "pass --unit-normalize, or reduce the query again without it"
-        )
-    power = -0.5 if settings.unit_normalize else -1.0
-    wanted = Preconditioner.load(settings.hessian, power=power) if settings.hessian else None
-    if wanted is not None:
-        wanted.check(meta)
-    query_side = _query_preconditioning(query_path, meta, wanted)
-    ids, vectors = table.read_matrix()
-    if not len(ids):
-        raise RayattrError(f"the query table in {query_path} is empty; reduce a query set with at least one document")
-    rows = Preprocess(query_side, settings.unit_normalize)(torch.from_numpy(vectors))
-    index_side = Preprocess(wanted if settings.unit_normalize else None, settings.unit_normalize)
-    return QuerySet(ids, rows, meta, index_side)
-
-
-def _query_preconditioning(query_path: str, meta: TableMeta, wanted: Preconditioner | None) -> Preconditioner | None:
-    """The preconditioner still to apply to the stored query rows (None when done or not wanted)."""
-    applied = meta.preconditioner
-    reduce = meta.source.get("reduce") or {}
-    if applied is None:
-        if wanted is not None and meta.unit_normalized:
-            raise RayattrError(
-                f"the query in {query_path} was unit-normalized without a preconditioner, so H^-1/2 cannot be "
-                "applied before the normalization any more; reduce it again with --hessian-path"
-            )
-        return wanted
-    if wanted is not None and applied == wanted.fingerprint:
-        return None
-    if wanted is None and reduce.get("power") == -1.0 and not meta.unit_normalized:
-        return None  # inner product: H^-1 on the query only, index raw
-    raise RayattrError(
-        f"the query in {query_path} was reduced with preconditioner {applied} (statistics {reduce.get('hessian')}, "
-        f"power {reduce.get('power')}), which does not match this scoring's "
-        f"{'preconditioner ' + wanted.fingerprint if wanted else 'lack of --hessian-path'}; "
-        "pass the same --hessian-path and --unit-normalize as the reduce"
-    )
-
-
 class ScoringWorker:
     """Scores batches of training rows (on a Replica actor) against the broadcast queries.
 
@@ -185,11 +99,11 @@ class ScoringWorker:
         """``loaded``: an engine the caller built (a ZeRO-3 worker's), instead of a replica from ``spec``."""
         torch.set_num_threads(threads)
         queries = ray.get(queries) if isinstance(queries, ray.ObjectRef) else queries
-        self.scorer = Scorer(queries.vectors, queries.index_side, settings.mode, settings.query_batch_size)
+        self.scorer = queries.scorer(settings)
         self.engine = self.gradients = None
         if spec is not None:
             self.engine, meta = loaded or engine_for(spec)
-            require_compatible(meta, queries.meta)
+            queries.check(meta)
             if settings.keep_gradients:
                 self.gradients = GradientTable.create(run_path, meta)
         self.scores = ScoreTable.open(run_path, SCORES)
@@ -203,7 +117,8 @@ class ScoringWorker:
         if self.engine is None:
             ids = batch.column("id").to_numpy()
             num_tokens = batch.column("num_tokens").to_numpy()
-            scores = self.scorer.score(torch.from_numpy(vectors_of(batch.column("grad"), self.scorer.dim).copy()))
+            grads = batch.column("grad")
+            scores = self.scorer.score(torch.from_numpy(vectors_of(grads, grads.type.list_size).copy()))
             self.scores.append(_score_rows(ids, num_tokens, scores))
             return summary_rows(ids, batch.column("num_tokens"), np.ones(len(ids), bool))
         docs = TokenizedDocs.from_arrow(batch)
@@ -246,12 +161,13 @@ GroupScorer = Callable[[RunSpec, ray.data.Dataset, ray.ObjectRef, BuildProgress]
 
 
 def score(
-    run_path: str, query_path: str, settings: ScoreSettings, *, spec: RunSpec | None = None,
+    run_path: str, query_path: str | None, settings: ScoreSettings, *, spec: RunSpec | None = None,
     index_path: str | None = None, workers: int = 1, ray_address: str | None = None,
     docs_per_write: int = 256, on_progress: Callable[[BuildProgress], None] | None = None,
     group: GroupScorer | None = None,
 ) -> ScoreResult:
-    """Score a training set (``spec``: on the fly; ``index_path``: a gradient table) against a query table.
+    """Score a training set (``spec``: on the fly; ``index_path``: a gradient table) against a query table,
+    or (``settings.self_influence``, no ``query_path``) each row against itself.
 
     Writes ``scores`` (and ``token_scores`` with ``per_token``) and ``topk``
     into ``run_path``; a rerun with the same settings resumes. With ``group``
@@ -260,17 +176,20 @@ def score(
     if (spec is None) == (index_path is None):
         raise RayattrError("score either a dataset on the fly (--model/--dataset) or a gradient table (--index-path), not both")
     progress = BuildProgress(total_docs=0)  # its clocks start with the command, as a build's do
-    queries = load_queries(query_path, settings)
+    if settings.self_influence == (query_path is not None):
+        raise RayattrError("score against queries (--query-path) or each document's self-influence (--self), one of them")
+    queries = self_influence(settings) if settings.self_influence else load_queries(query_path, settings)
     if spec is not None:
         spec = dataclasses.replace(spec, grads=dataclasses.replace(spec.grads, per_token=settings.per_token))
         shards = prepare(spec, ray_address, workers, start_replicas=group is None)
     else:
         index = _checked_index(index_path, queries, settings)
         ensure_ray(ray_address)
+    individual = settings.mode == "individual" and not settings.self_influence
     meta = ScoreMeta(
-        width=queries.vectors.shape[0] if settings.mode == "individual" else 1,
-        per_token=False, query_ids=queries.ids.tolist() if settings.mode == "individual" else [-1],
-        settings={"mode": settings.mode, "unit_normalize": settings.unit_normalize,
+        width=len(queries.ids) if individual else 1, per_token=False,
+        query_ids=queries.ids.tolist() if individual else [-1],
+        settings={"mode": "self" if settings.self_influence else settings.mode, "unit_normalize": settings.unit_normalize,
                   "preconditioner": queries.index_side.preconditioner.fingerprint if queries.index_side.preconditioner else None,
                   "queries": queries.fingerprint, "index": index_path or stable_hash(dataclasses.asdict(spec.data))},
     )
@@ -307,9 +226,9 @@ def score(
     return ScoreResult(progress, top, np.asarray(meta.query_ids))
 
 
-def _checked_index(index_path: str, queries: QuerySet, settings: ScoreSettings) -> GradientTable:
+def _checked_index(index_path: str, queries: QuerySet | SelfInfluence, settings: ScoreSettings) -> GradientTable:
     index = GradientTable.open(index_path)
-    require_compatible(index.meta, queries.meta)
+    queries.check(index.meta)
     if index.meta.per_token:
         raise RayattrError(
             f"{index_path} holds per-token rows; score per document, or score on the fly with --per-token"
