@@ -101,6 +101,8 @@ class ModelSpec:
     device: str = "auto"
     attn_implementation: str | None = None
     base_model: str | None = None
+    force_math_sdp: bool = False  # attention through the plain math kernel (no fused SDPA kernels)
+    use_tf32_matmuls: bool = False  # TF32 matmuls on GPUs that have them (fp32 weights, faster, less exact)
 
 
 @dataclass(frozen=True)

@@ -105,8 +105,26 @@ def load_model(spec: ModelSpec) -> nn.Module:
         raise RayattrError(f"model {base.model!r} is not a causal LM ({config.model_type}): {exc}") from exc
     if base is not spec:
         model = _with_adapter(model, spec, base.model)
+    set_numerics(spec)
     model.requires_grad_(False)
     return model.eval().to(resolve_device(spec.device))
+
+
+def set_numerics(spec: ModelSpec) -> None:
+    """The process-wide kernel choices a model spec asks for (a worker process runs one model).
+
+    ``force_math_sdp`` turns off the fused scaled-dot-product-attention kernels,
+    whose results can depend on the batch's padding; ``use_tf32_matmuls`` lets fp32
+    matmuls run in TF32 on GPUs that have it (off: full fp32, PyTorch's default).
+    """
+    torch.backends.cuda.matmul.allow_tf32 = spec.use_tf32_matmuls
+    torch.backends.cudnn.allow_tf32 = spec.use_tf32_matmuls
+    fused = not spec.force_math_sdp
+    torch.backends.cuda.enable_flash_sdp(fused)
+    torch.backends.cuda.enable_mem_efficient_sdp(fused)
+    if hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+        torch.backends.cuda.enable_cudnn_sdp(fused)
+    torch.backends.cuda.enable_math_sdp(True)
 
 
 def _with_adapter(model: nn.Module, spec: ModelSpec, base: str) -> nn.Module:

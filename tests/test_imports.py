@@ -21,7 +21,7 @@ LAYERS = (
     ("rayattr.hessian",),
     ("rayattr.score", "rayattr.topk"),
     ("rayattr.store",),
-    ("rayattr.search", "rayattr.verify"),
+    ("rayattr.search", "rayattr.verify", "rayattr.doctor"),
     ("rayattr.ray",),
     ("rayattr.trackstar",),
     ("rayattr.api", "rayattr.runconfig"),

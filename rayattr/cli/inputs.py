@@ -11,10 +11,13 @@ from rich.table import Table
 
 from rayattr import storage
 from rayattr.cli.application import app
-from rayattr.cli.options import (DatasetOpt, Method, ModelOpt, NormalizerKind, RayAddressOpt, RunPathArg, SaveConfigOpt,
-                                 WorkersOpt, ZeroStageOpt, run_spec, saved, streams_dataset, user_errors)
+from rayattr.cli.options import (BaseModelOpt, CompletionColumnOpt, ConversationColumnOpt, DatasetOpt, ForceMathSdpOpt,
+                                 Method, ModelOpt, NormalizerKind, Precision, PrecisionOpt, PromptColumnOpt, RayAddressOpt,
+                                 RunPathArg, SaveConfigOpt, SplitOpt, Tf32Opt, TextColumnOpt, WorkersOpt, ZeroStageOpt,
+                                 run_spec, saved, streams_dataset, user_errors)
 from rayattr.cli.render import console
 from rayattr.config import ModelSpec, RayattrError, check_zero_stage
+from rayattr.doctor import MIN_COSINE, diagnose
 from rayattr.hessian.factors import STATS_SUBDIR, TARGET_DOWNWEIGHT_COMPONENTS
 
 
@@ -122,3 +125,50 @@ def mix(
 
     lam, k = mix_stats(query, index, out, target_downweight_components)
     Console().print(f"mixed -> {out}: lambda = {lam:.4f} (pooled eigen-rank k = {k})")
+
+
+@app.command()
+@user_errors
+def doctor(
+    model: ModelOpt,
+    dataset: Annotated[Optional[str], typer.Option(help="Sample documents from this dataset (default: built-in probe texts)")] = None,
+    split: SplitOpt = "train",
+    text_column: TextColumnOpt = "text",
+    prompt_column: PromptColumnOpt = None,
+    completion_column: CompletionColumnOpt = None,
+    conversation_column: ConversationColumnOpt = None,
+    precision: PrecisionOpt = Precision.fp32,
+    force_math_sdp: ForceMathSdpOpt = False,
+    use_tf32_matmuls: Tf32Opt = False,
+    base_model: BaseModelOpt = None,
+    docs: Annotated[int, typer.Option(help="Sample documents")] = 8,
+    trials: Annotated[int, typer.Option(help="Shuffled batchings per check")] = 3,
+    min_cosine: Annotated[float, typer.Option(help="Worst row cosine, batched against alone, that passes")] = MIN_COSINE,
+) -> None:
+    """Check that per-example gradients do not depend on batching or padding; name the cheapest flags that pass."""
+    spec = run_spec(model, dataset or "probe texts", split, text_column=text_column, prompt_column=prompt_column,
+                    completion_column=completion_column, conversation_column=conversation_column, precision=precision,
+                    base_model=base_model, force_math_sdp=force_math_sdp, use_tf32_matmuls=use_tf32_matmuls)
+    with console.status("comparing batched and one-at-a-time gradients"):
+        verdicts, duplicated = diagnose(spec.model, spec.data if dataset else None, docs=docs, trials=trials,
+                                        min_cosine=min_cosine)
+    table = Table("settings", "worst cosine, equal lengths", "worst cosine, mixed lengths", "finite", "passes",
+                  title=f"batch invariance of per-example gradients ({docs} documents x {trials} trials, pass >= {min_cosine})")
+    for verdict in verdicts:
+        table.add_row(verdict.attempt.flags, f"{verdict.equal_lengths:.7f}", f"{verdict.mixed_lengths:.7f}",
+                      "yes" if verdict.finite else "NO", "yes" if verdict.passed else "no")
+    Console().print(table)
+    healthy = verdicts[0].passed and not any(duplicated.values())
+    for token, count in duplicated.items():
+        if count:
+            console.print(f"{count} sample document(s) {'start' if token == 'bos' else 'end'} with a duplicated "
+                          f"{token.upper()} token: the text already holds it and the tokenizer adds another; strip it "
+                          "from the data or use a tokenizer that does not add it")
+    if verdicts[0].passed:
+        console.print("the given settings pass")
+    elif verdicts[-1].passed:
+        console.print(f"pass {verdicts[-1].attempt.flags} to build, hessian, reduce, score and trackstar")
+    else:
+        console.print("no setting passes: rows depend on batching even in full fp32 with the math kernel; "
+                      "use --token-batch-size 2 (one document per batch)")
+    raise typer.Exit(0 if healthy else 1)

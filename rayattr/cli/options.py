@@ -60,6 +60,8 @@ RunPathArg = Annotated[str, typer.Argument(help="Run directory / LanceDB databas
 ModelOpt = Annotated[str, typer.Option(help="Local model directory, PEFT adapter directory, or hub name")]
 BaseModelOpt = Annotated[Optional[str], typer.Option(
     help="Base model of a PEFT adapter --model (default: the one its adapter_config.json names)")]
+ForceMathSdpOpt = Annotated[bool, typer.Option(help="Attention through the plain math kernel (no fused SDPA kernels; see `rayattr doctor`)")]
+Tf32Opt = Annotated[bool, typer.Option(help="TF32 matmuls on GPUs that have them (faster fp32, less exact; see `rayattr doctor`)")]
 LossFnOpt = Annotated[LossFn, typer.Option(
     help="ce: cross-entropy on the label tokens; kl: KL(adapted || base) per label token (a PEFT adapter --model)")]
 DatasetOpt = Annotated[str, typer.Option(help="parquet file/dir, save_to_disk dir, .json/.jsonl/.csv, or hub name")]
@@ -115,7 +117,8 @@ def run_spec(
     model: str, dataset: str, split: str = "train", subset: str | None = None, text_column: str = "text",
     prompt_column: str | None = None, completion_column: str | None = None, max_length: int | None = None,
     truncation: bool = False, precision: Precision = Precision.fp32, conversation_column: str | None = None,
-    reward_column: str | None = None, skip_nan_rewards: bool = False, base_model: str | None = None, **grads,
+    reward_column: str | None = None, skip_nan_rewards: bool = False, base_model: str | None = None,
+    force_math_sdp: bool = False, use_tf32_matmuls: bool = False, **grads,
 ) -> RunSpec:
     """The RunSpec every streaming command builds from its shared options."""
     grads["modules"] = tuple(grads.get("modules") or ("*",))
@@ -125,7 +128,8 @@ def run_spec(
         if isinstance(value, Enum):
             grads[key] = value.value
     return RunSpec(
-        model=ModelSpec(model=model, precision=precision.value, base_model=base_model),
+        model=ModelSpec(model=model, precision=precision.value, base_model=base_model, force_math_sdp=force_math_sdp,
+                        use_tf32_matmuls=use_tf32_matmuls),
         data=DataSpec(
             dataset=dataset, split=split, subset=subset, text_column=text_column, prompt_column=prompt_column,
             completion_column=completion_column, max_length=max_length, truncation=truncation,
@@ -161,6 +165,8 @@ def _stream_options(
     num_heads: NumHeadsOpt = None,
     token_batch_size: TokenBatchOpt = 2048,
     precision: PrecisionOpt = Precision.fp32,
+    force_math_sdp: ForceMathSdpOpt = False,
+    use_tf32_matmuls: Tf32Opt = False,
     base_model: BaseModelOpt = None,
     normalizer: NormalizerOpt = None,
 ) -> None:
