@@ -24,7 +24,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15
 
-# Every benchmark at its small size (~16 min on 2 cores), then the README's results section.
+# Every benchmark at its small size (~19 min on 2 cores), then the README's results section.
 BENCH := PYTHONPATH=benchmarks:. $(PY)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BENCH) benchmarks/fact_tracing.py --size small
 	$(BENCH) benchmarks/query.py --size small
 	$(BENCH) benchmarks/scaling.py --size small
+	$(BENCH) benchmarks/feature_cost.py --size small
 	$(PY) benchmarks/report.py
 
 # rayattr next to Bergson and kronfluence (~19 min on 2 cores); their venvs are made once under ~/.cache/rayattr/peers.

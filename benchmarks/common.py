@@ -22,7 +22,7 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
 from rayattr.data import TokenizedDocs
-from rayattr.grads.collector import per_example_loss
+from rayattr.grads.objective import per_example_loss
 from rayattr.grads.engine import collate
 from rayattr.model import load_tokenizer
 

@@ -23,6 +23,7 @@ SECTIONS = {  # results file stem: what it measures
     "scaling": "Build scaling over workers on a 2-node cluster (`benchmarks/scaling.py`)",
     "peers": "Side by side with Bergson and kronfluence (`benchmarks/peers.py`)",
     "same_job": "`rayattr build` against `bergson build` on the same job (`benchmarks/same_job.py`)",
+    "feature_cost": "What each loss and view costs against a plain build (`benchmarks/feature_cost.py`)",
 }
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
