@@ -21,9 +21,10 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
-from rayattr.data import TokenizedDocs
-from rayattr.grads.objective import per_example_loss
+from rayattr.config import DataSpec
+from rayattr.data import TokenizedDocs, tokenize
 from rayattr.grads.engine import collate
+from rayattr.grads.objective import per_example_loss
 from rayattr.model import load_tokenizer
 
 TOKEN_BATCH_SIZE = 2048
@@ -83,6 +84,14 @@ def packed_corpus(fixture, out: Path, docs: int, tokenizer, min_tokens: int) -> 
             current, width = [], 0
     pq.write_table(pa.table({"text": packed}), out)
     return out
+
+
+def first_documents(corpus: Path, count: int, tokenizer, seq_len: int) -> tuple[pa.Table, DataSpec, TokenizedDocs]:
+    """A packed corpus as a build reads it, and its first ``count`` rows raw and tokenized (in-process timing)."""
+    data = DataSpec(str(corpus), max_length=seq_len, truncation=True)
+    head = pq.read_table(corpus).slice(0, count)
+    tokens = tokenize(head.append_column("id", pa.array(np.arange(head.num_rows))), data, tokenizer, seq_len)
+    return head, data, TokenizedDocs.from_arrow(tokens)
 
 
 def bench_model(fixture, out: Path, max_positions: int, seed: int = 0) -> Path:

@@ -27,11 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from rich.table import Table
 
-from common import TOKEN_BATCH_SIZE, bench_model, forward_backward, machine, packed_corpus, write_results
+from common import TOKEN_BATCH_SIZE, bench_model, first_documents, forward_backward, machine, packed_corpus, write_results
 from rayattr.config import DataSpec, GradSpec, ModelSpec
 from rayattr.data import TokenizedDocs, token_budget_batches, tokenize
 from rayattr.fixtures import default_cache_dir, make_fixture
@@ -124,10 +123,7 @@ def main() -> None:
     tokenizer.chat_template = load_tokenizer(str(fixture.neox)).chat_template
     corpus = packed_corpus(fixture, Path(tempfile.mkdtemp(prefix="feature-cost-")) / "packed.parquet",
                            size["docs"], tokenizer, SEQ_LEN)
-    head = pq.read_table(corpus).slice(0, size["docs"])
-    data = DataSpec(str(corpus), max_length=SEQ_LEN, truncation=True)
-    docs = TokenizedDocs.from_arrow(tokenize(head.append_column("id", pa.array(np.arange(head.num_rows))), data,
-                                             tokenizer, SEQ_LEN))
+    head, _, docs = first_documents(corpus, size["docs"], tokenizer, SEQ_LEN)
     model = load_model(ModelSpec(str(model_dir), device=args.device))
     adapted = with_lora(load_model(ModelSpec(str(model_dir), device=args.device)))
     tokens = sum(len(t) for t in docs.tokens)

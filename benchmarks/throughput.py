@@ -33,14 +33,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from rich.table import Table
 
-from common import TOKEN_BATCH_SIZE, bench_model, forward_backward, machine, packed_corpus, write_results
+from common import TOKEN_BATCH_SIZE, bench_model, first_documents, forward_backward, machine, packed_corpus, write_results
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
-from rayattr.data import TokenizedDocs, token_budget_batches, tokenize
+from rayattr.data import TokenizedDocs, token_budget_batches
 from rayattr.fixtures import default_cache_dir, make_fixture
 from rayattr.grads.engine import GradientEngine
 from rayattr.model import load_model, load_tokenizer
@@ -128,12 +126,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="throughput-"))
     corpus = packed_corpus(fixture, root / "packed.parquet", size["ray_docs"], tokenizer, SEQ_LEN)
     model_spec = ModelSpec(str(model_dir), device=args.device)
-    data = DataSpec(str(corpus), max_length=SEQ_LEN, truncation=True)
-
+    _, data, docs = first_documents(corpus, size["docs"], tokenizer, SEQ_LEN)
     model = load_model(model_spec).eval()
-    head = pq.read_table(corpus).slice(0, size["docs"])
-    docs = TokenizedDocs.from_arrow(tokenize(head.append_column("id", pa.array(np.arange(head.num_rows))), data,
-                                             tokenizer, SEQ_LEN))
     rates = in_process(model, docs, tokenizer.pad_token_id, size["rounds"])
     params = sum(p.numel() for p in model.parameters())
     del model
