@@ -29,6 +29,7 @@ KRONECKER_ALIASES = {"kronecker-rademacher": "rademacher", "kronecker-normal": "
 VectorDtype = Literal["float16", "float32"]
 LossReduction = Literal["sum", "mean"]
 LossFn = Literal["ce", "kl"]
+Labels = Literal["data", "sampled"]
 
 
 ZERO_STAGES = (0, 3)  # 0: a model replica per worker; 3: parameters partitioned over the workers
@@ -187,6 +188,9 @@ class GradSpec:
     include_bias: bool = False  # biased modules' gradients gain the bias column: [G | g_b], in_features + 1
     loss_reduction: LossReduction = "sum"  # "mean": each document's loss divided by its label-token count
     loss_fn: LossFn = "ce"  # "kl": KL(adapted || base) per label token; needs a PEFT adapter model
+    # "sampled": each label token drawn from the model's own next-token distribution (seeded per document and
+    # position), so statistics of these gradients estimate the true Fisher instead of the empirical one
+    labels: Labels = "data"
     split_attention: tuple[str, ...] = ()  # globs of attention projections cut into per-head blocks
     num_heads: int | None = None  # heads of --split-attention; None: the model config's
 
@@ -204,6 +208,10 @@ class GradSpec:
             raise RayattrError(f"--loss-reduction must be sum or mean, got {self.loss_reduction!r}")
         if self.loss_fn not in typing.get_args(LossFn):
             raise RayattrError(f"--loss-fn must be ce or kl, got {self.loss_fn!r}")
+        if self.labels not in typing.get_args(Labels):
+            raise RayattrError(f"--labels must be data or sampled, got {self.labels!r}")
+        if self.labels == "sampled" and self.loss_fn != "ce":
+            raise RayattrError("--labels sampled draws cross-entropy targets; it has no meaning with --loss-fn kl")
         if self.token_batch_size < 2:
             raise RayattrError(f"--token-batch-size must be >= 2, got {self.token_batch_size}")
         if self.num_heads is not None and self.num_heads < 1:

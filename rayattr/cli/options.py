@@ -39,6 +39,7 @@ ScoreKind = _choices("ScoreKind", SCORE_MODES)
 AnnMetric = _choices("AnnMetric", ("cosine", "dot"))
 LossReduction = _choices("LossReduction", typing.get_args(config.LossReduction))
 LossFn = _choices("LossFn", typing.get_args(config.LossFn))
+Labels = _choices("Labels", typing.get_args(config.Labels))
 
 
 def user_errors(command: Callable) -> Callable:
@@ -62,6 +63,8 @@ BaseModelOpt = Annotated[Optional[str], typer.Option(
     help="Base model of a PEFT adapter --model (default: the one its adapter_config.json names)")]
 ForceMathSdpOpt = Annotated[bool, typer.Option(help="Attention through the plain math kernel (no fused SDPA kernels; see `rayattr doctor`)")]
 Tf32Opt = Annotated[bool, typer.Option(help="TF32 matmuls on GPUs that have them (faster fp32, less exact; see `rayattr doctor`)")]
+LabelsOpt = Annotated[Labels, typer.Option(
+    help="data: the documents' tokens are the targets (empirical Fisher); sampled: targets drawn from the model (true Fisher)")]
 LossFnOpt = Annotated[LossFn, typer.Option(
     help="ce: cross-entropy on the label tokens; kl: KL(adapted || base) per label token (a PEFT adapter --model)")]
 DatasetOpt = Annotated[str, typer.Option(help="parquet file/dir, save_to_disk dir, .json/.jsonl/.csv, or hub name")]
@@ -159,6 +162,7 @@ def _stream_options(
     include_bias: IncludeBiasOpt = False,
     loss_reduction: LossReductionOpt = LossReduction.sum,
     loss_fn: LossFnOpt = LossFn.ce,
+    labels: LabelsOpt = Labels.data,
     modules: ModulesOpt = None,
     exclude_modules: ExcludeOpt = None,
     split_attention: SplitAttentionOpt = None,

@@ -73,7 +73,7 @@ def collate(docs: TokenizedDocs, index: np.ndarray, pad_token_id: int, padding_s
             marked[row, cols] = mask
         label_mask &= marked
     weight = None if docs.loss_weights is None else torch.from_numpy(docs.loss_weights[index])
-    return TokenBatch(input_ids, attention, label_mask, positions, weight)
+    return TokenBatch(input_ids, attention, label_mask, positions, weight, torch.from_numpy(docs.ids[index]))
 
 
 class GradientEngine:
@@ -164,7 +164,8 @@ class GradientEngine:
         and shows a tap no token. Workers sharing ZeRO-3 partitions run these to match
         the pass count of a worker with more data (each module's gather is a collective)."""
         empty = torch.zeros((1, 2), dtype=torch.bool)
-        batch = TokenBatch(torch.full((1, 2), self.pad_token_id, dtype=torch.long), empty, empty, empty.long())
+        batch = TokenBatch(torch.full((1, 2), self.pad_token_id, dtype=torch.long), empty, empty, empty.long(),
+                           doc_ids=torch.zeros(1, dtype=torch.long))
         self.collector.collect(batch.to(self.device))
 
     def _plan(self, docs: TokenizedDocs) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:

@@ -3,7 +3,10 @@
 ``ce`` is the causal-LM cross-entropy over a document's label tokens; ``kl`` is
 ``KL(p_adapted || p_base)`` per label token (Bergson's ``--loss-fn kl``), where the
 base distribution is the same model with its PEFT adapters disabled, computed
-without gradients. Either is summed per document (or averaged, ``loss_reduction
+without gradients. With ``labels = "sampled"`` the cross-entropy's targets are drawn
+from the model's own next-token distribution instead of read from the document
+(``sample_labels``): statistics of those gradients estimate the true Fisher, those
+of dataset labels the empirical one. Either is summed per document (or averaged, ``loss_reduction
 = "mean"``) and scaled by the document's ``loss_weight`` when it has one (a
 reward advantage).
 """
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rayattr.config import GradSpec, LossReduction
+from rayattr.grads.projection import stable_seed
 
 
 @dataclass
@@ -28,6 +32,7 @@ class TokenBatch:
     label_mask: torch.Tensor  # [B, T] bool: token t is a prediction target
     position_ids: torch.Tensor  # [B, T] int64, 0 at each document's first token
     loss_weight: torch.Tensor | None = None  # [B] float32: each document's loss is scaled by it (rewards)
+    doc_ids: torch.Tensor | None = None  # [B] int64 dataset ids: seeds of sampled labels
 
     def to(self, device: torch.device | str) -> TokenBatch:
         return TokenBatch(*(None if t is None else t.to(device, non_blocking=True) for t in vars(self).values()))
@@ -41,8 +46,36 @@ def document_loss(model: nn.Module, batch: TokenBatch, spec: GradSpec) -> torch.
             reference = _logits(model, batch)
         loss = per_example_kl(logits, reference, batch.label_mask, spec.loss_reduction)
     else:
-        loss = per_example_loss(logits, batch.input_ids, batch.label_mask, spec.loss_reduction)
+        targets = batch.input_ids
+        if spec.labels == "sampled":
+            targets = sample_labels(logits, batch.position_ids, batch.doc_ids, spec.seed)
+        loss = per_example_loss(logits, targets, batch.label_mask, spec.loss_reduction)
     return loss if batch.loss_weight is None else loss * batch.loss_weight
+
+
+def sample_labels(logits: torch.Tensor, position_ids: torch.Tensor, doc_ids: torch.Tensor | None, seed: int) -> torch.Tensor:
+    """``[B, T]`` tokens drawn from the model's next-token distributions (position 0 unused).
+
+    The uniform behind the draw for a document's position ``p`` comes from a CPU
+    generator seeded by ``(seed, document id)``, indexed by ``p``: the labels of a
+    document do not depend on its batch, its padding, the worker or the device.
+    Drawn by inverting the cumulative distribution, one uniform per position.
+    """
+    if doc_ids is None:
+        raise ValueError("sampled labels need the batch's document ids")
+    with torch.no_grad():
+        probs = torch.softmax(logits[:, :-1].float(), dim=-1)
+        width = logits.shape[1]
+        uniforms = torch.stack([
+            torch.rand(width, generator=torch.Generator().manual_seed(stable_seed("labels", str(int(d)), seed)),
+                       dtype=torch.float64)
+            for d in doc_ids.cpu()
+        ]).to(logits.device)
+        drawn = uniforms.gather(1, position_ids[:, 1:].clamp(min=0))
+        cdf = probs.double().cumsum(-1)
+        tokens = torch.searchsorted(cdf, (drawn * cdf[..., -1]).unsqueeze(-1)).squeeze(-1)
+        tokens = tokens.clamp(max=probs.shape[-1] - 1)
+    return torch.cat([torch.zeros_like(tokens[:, :1]), tokens], dim=1)
 
 
 def _logits(model: nn.Module, batch: TokenBatch) -> torch.Tensor:

@@ -186,15 +186,20 @@ def fit_statistics(out_dir: str, spec: RunSpec, method: str, run_pass: RunPass, 
     plan.refine(tensors, summary, run_pass)
     for module in meta.modules:
         summary["modules"][module["name"]]["shape"] = f"{module['p_out']}x{module['p_in']}"
-    save_stats(out_dir, tensors, stats_manifest(method, meta, summary))
+    save_stats(out_dir, tensors, stats_manifest(method, meta, summary, spec.grads.labels))
     return FitSummary(method, summary["examples"], summary["tokens"], 0.0, summary["modules"])
 
 
-def stats_manifest(method: str, meta: TableMeta, summary: dict) -> dict:
-    """What a statistics directory records: method, counts and the fingerprints it must match."""
+def stats_manifest(method: str, meta: TableMeta, summary: dict, labels: str = "data") -> dict:
+    """What a statistics directory records: method, counts and the fingerprints it must match.
+
+    Sampled labels (the true Fisher) fit the same space as dataset labels (the empirical
+    Fisher), so they precondition the same rows; the fingerprint tells the two apart.
+    """
     identity = space_of(meta)
-    return {"method": method, **identity, "fingerprint": stable_hash(identity | {"method": method}),
-            "examples": summary["examples"], "tokens": summary["tokens"], "data": meta.data, "spec_version": 1}
+    estimate = {"labels": labels} if labels != "data" else {}
+    return {"method": method, **identity, "fingerprint": stable_hash(identity | {"method": method} | estimate),
+            "examples": summary["examples"], "tokens": summary["tokens"], "data": meta.data, "spec_version": 1} | estimate
 
 
 def spectrum_summary(values: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
