@@ -146,20 +146,18 @@ def test_killed_build_resumes_to_a_complete_table(ray_session, tmp_path, offline
     _assert_same_rows(run, full_reference)
 
 
-@pytest.mark.parametrize("source", ["prompt-completion", "conversation-reward", "adapter-kl"])
+@pytest.mark.parametrize("source", ["prompt-completion", "chat-reward-adapter-kl"])
 def test_structured_build_matches_in_process(ray_session, tmp_path, offline_fixture, source):
-    """Prompt/completion masks, conversations weighted by advantages whose group means Ray
-    tasks computed, and a PEFT adapter's KL rows give the in-process rows (conversations of
-    uneven lengths are batched differently by the Ray writes, which moves float32 sums in
-    their last digits)."""
-    model, loss_fn = ModelSpec(str(offline_fixture.neox)), "ce"
+    """Prompt/completion masks; and in one build, conversations weighted by advantages whose
+    group means Ray tasks computed, through a PEFT adapter with the KL loss: the in-process
+    rows (conversations of uneven lengths are batched differently by the Ray writes, which
+    moves float32 sums in their last digits)."""
     if source == "prompt-completion":
+        model, loss_fn = ModelSpec(str(offline_fixture.neox)), "ce"
         data = DataSpec(str(offline_fixture.queries), prompt_column="prompt", completion_column="completion")
-    elif source == "conversation-reward":
-        data = DataSpec(str(offline_fixture.conversations), conversation_column="messages", reward_column="reward")
     else:
-        data = DataSpec(str(offline_fixture.queries), prompt_column="prompt", completion_column="completion")
         model, loss_fn = ModelSpec(str(train_fixture_adapter(offline_fixture))), "kl"
+        data = DataSpec(str(offline_fixture.conversations), conversation_column="messages", reward_column="reward")
     dtype = "float16" if source == "prompt-completion" else "float32"
     spec = RunSpec(model, data, GradSpec(projection_dim=4, dtype=dtype, loss_fn=loss_fn))
     run = str(tmp_path / "run")
