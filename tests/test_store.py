@@ -321,3 +321,6 @@ def test_optimize_compacts_appends_to_one_fragment_with_the_same_rows(tmp_path, 
     assert len(table.table.to_lance().get_fragments()) == 1
     for got, want in zip(GradientTable.open(str(tmp_path / "run")).read_matrix(), written):
         np.testing.assert_array_equal(got, want)
+    version = table.table.version
+    table.optimize()  # one fragment: nothing to do, no new version
+    assert table.table.version == version
