@@ -3,6 +3,7 @@ the bench model, plotting, and where results go."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -25,6 +26,7 @@ from rayattr.config import DataSpec
 from rayattr.data import TokenizedDocs, tokenize
 from rayattr.grads.engine import collate
 from rayattr.grads.objective import per_example_loss
+from rayattr.fixtures import default_cache_dir, make_fixture
 from rayattr.model import load_tokenizer
 
 TOKEN_BATCH_SIZE = 2048
@@ -92,6 +94,18 @@ def first_documents(corpus: Path, count: int, tokenizer, seq_len: int) -> tuple[
     head = pq.read_table(corpus).slice(0, count)
     tokens = tokenize(head.append_column("id", pa.array(np.arange(head.num_rows))), data, tokenizer, seq_len)
     return head, data, TokenizedDocs.from_arrow(tokens)
+
+
+def bench_inputs(description: str, sizes: dict, max_positions: int) -> tuple[argparse.Namespace, dict, Any, Path, Any]:
+    """The shared command line (``--size``, ``--device``) and inputs of the bench-model scripts:
+    ``(args, the size's settings, fixture, bench model directory, its tokenizer)``."""
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(sizes), default="small")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = parser.parse_args()
+    fixture = make_fixture(default_cache_dir())
+    model_dir = bench_model(fixture, default_cache_dir() / "bench-neox-21m", max_positions=max_positions)
+    return args, sizes[args.size], fixture, model_dir, load_tokenizer(str(model_dir))
 
 
 def bench_model(fixture, out: Path, max_positions: int, seed: int = 0) -> Path:

@@ -17,7 +17,6 @@ Writes results/feature_cost.json (small) or results/feature_cost_full.json.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import tempfile
@@ -30,10 +29,9 @@ import pyarrow as pa
 import torch
 from rich.table import Table
 
-from common import TOKEN_BATCH_SIZE, bench_model, first_documents, forward_backward, machine, packed_corpus, write_results
+from common import TOKEN_BATCH_SIZE, bench_inputs, first_documents, forward_backward, machine, packed_corpus, write_results
 from rayattr.config import DataSpec, GradSpec, ModelSpec
 from rayattr.data import TokenizedDocs, token_budget_batches, tokenize
-from rayattr.fixtures import default_cache_dir, make_fixture
 from rayattr.grads.engine import GradientEngine
 from rayattr.model import load_model, load_tokenizer
 
@@ -111,15 +109,7 @@ def tokenizer_rates(texts: list[str], tokenizer, rounds: int) -> dict[str, float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="small")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    args = parser.parse_args()
-    size = SIZES[args.size]
-
-    fixture = make_fixture(default_cache_dir())
-    model_dir = bench_model(fixture, default_cache_dir() / "bench-neox-21m", max_positions=SEQ_LEN)
-    tokenizer = load_tokenizer(str(model_dir))
+    args, size, fixture, model_dir, tokenizer = bench_inputs(__doc__, SIZES, SEQ_LEN)
     tokenizer.chat_template = load_tokenizer(str(fixture.neox)).chat_template
     corpus = packed_corpus(fixture, Path(tempfile.mkdtemp(prefix="feature-cost-")) / "packed.parquet",
                            size["docs"], tokenizer, SEQ_LEN)

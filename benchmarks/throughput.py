@@ -25,7 +25,6 @@ processes can beat one two-threaded one on matmuls this small.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -36,12 +35,11 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from common import TOKEN_BATCH_SIZE, bench_model, first_documents, forward_backward, machine, packed_corpus, write_results
+from common import TOKEN_BATCH_SIZE, bench_inputs, first_documents, forward_backward, machine, packed_corpus, write_results
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
 from rayattr.data import TokenizedDocs, token_budget_batches
-from rayattr.fixtures import default_cache_dir, make_fixture
 from rayattr.grads.engine import GradientEngine
-from rayattr.model import load_model, load_tokenizer
+from rayattr.model import load_model
 from rayattr.ray.entry import build, score
 from rayattr.ray.pipeline import ensure_ray
 from rayattr.ray.progress import BuildProgress
@@ -114,15 +112,7 @@ def _ray_row(progress: BuildProgress, workers: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="small")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    args = parser.parse_args()
-    size = SIZES[args.size]
-
-    fixture = make_fixture(default_cache_dir())
-    model_dir = bench_model(fixture, default_cache_dir() / "bench-neox-21m", max_positions=SEQ_LEN)
-    tokenizer = load_tokenizer(str(model_dir))
+    args, size, fixture, model_dir, tokenizer = bench_inputs(__doc__, SIZES, SEQ_LEN)
     root = Path(tempfile.mkdtemp(prefix="throughput-"))
     corpus = packed_corpus(fixture, root / "packed.parquet", size["ray_docs"], tokenizer, SEQ_LEN)
     model_spec = ModelSpec(str(model_dir), device=args.device)

@@ -69,17 +69,18 @@ class TokenizedDocs:
         names = table.schema.names
         return cls(
             ids=table.column("id").to_numpy().astype(np.int64),
-            tokens=[t.astype(np.int64) for t in _lists(table, "input_ids")],
+            tokens=_lists(table, "input_ids", np.int64),
             label_start=table.column("label_start").to_numpy().astype(np.int64),
-            label_masks=[m.astype(bool) for m in _lists(table, "label_mask")] if "label_mask" in names else None,
+            label_masks=_lists(table, "label_mask", np.bool_) if "label_mask" in names else None,
             loss_weights=table.column("loss_weight").to_numpy().astype(np.float32) if "loss_weight" in names else None,
         )
 
 
-def _lists(table: pa.Table, name: str) -> list[np.ndarray]:
-    """A list column as one numpy view per row."""
+def _lists(table: pa.Table, name: str, dtype: type) -> list[np.ndarray]:
+    """A list column as one numpy view per row (the values converted once, not per row)."""
     column = table.column(name).combine_chunks()
-    offsets, values = column.offsets.to_numpy(), column.values.to_numpy(zero_copy_only=False)
+    offsets = column.offsets.to_numpy()
+    values = column.values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
     return [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
 
 

@@ -131,7 +131,7 @@ def _with_adapter(model: nn.Module, spec: ModelSpec, base: str) -> nn.Module:
     from peft import PeftModel
 
     try:
-        with _quiet_peft():
+        with quiet_peft():
             return PeftModel.from_pretrained(model, spec.model, revision=spec.revision)
     except (ValueError, RuntimeError, KeyError) as exc:
         raise RayattrError(
@@ -141,7 +141,7 @@ def _with_adapter(model: nn.Module, spec: ModelSpec, base: str) -> nn.Module:
 
 
 @contextlib.contextmanager
-def _quiet_peft() -> Iterator[None]:
+def quiet_peft() -> Iterator[None]:
     """PEFT calls transformers APIs that warn of their deprecation; shown with ``--verbose`` only."""
     with warnings.catch_warnings():
         if not verbose():
@@ -157,11 +157,10 @@ def model_skeleton(spec: ModelSpec) -> nn.Module:
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
-            adapter = adapter_config(spec)
-            if adapter is not None:
+            if adapter_config(spec) is not None:
                 from peft import PeftConfig, get_peft_model
 
-                with _quiet_peft():
+                with quiet_peft():
                     skeleton = get_peft_model(skeleton, PeftConfig.from_pretrained(spec.model))
     except ValueError as exc:
         raise RayattrError(

@@ -95,8 +95,9 @@ def select_modules(
     """Linear/Conv1D modules whose names match an include glob and no exclude glob.
 
     A model with PEFT adapters reads the default ``("*",)`` as its adapter modules
-    (``lora_A``/``lora_B``), the only ones the fine-tune changed. Returns ``{name: (out, in)}`` in the model's module order, which fixes the
-    layout of every gradient row. With ``include_bias`` a biased module's
+    (``lora_A``/``lora_B``), the only ones the fine-tune changed. Returns
+    ``{name: (out, in)}`` in the model's module order, which fixes the layout of
+    every gradient row. With ``include_bias`` a biased module's
     gradient is ``[G | g_b]``, the weight gradient of its inputs with a ones
     column appended.
     """
