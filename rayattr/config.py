@@ -269,6 +269,12 @@ class GradSpec:
         return stable_hash(fields)
 
 
+# TrackStar's own projection: p = 22 per side stored as float16 is 9 x 484 x 2 = 8,712 bytes per example on the
+# fixture, under the 9,216 of Bergson's default p = 16 in float32, and on the hard fact-tracing fixture it raised
+# recall@10 from 0.369 to 0.446 (3 seeds; benchmarks/trackstar_storage.py). float16 rounding moves no ranking there.
+TRACKSTAR_GRADS = GradSpec(projection_dim=22, dtype="float16")
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One build: model, data and gradient settings together (the YAML a run saves)."""
@@ -283,8 +289,12 @@ def to_dict(spec: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(spec)))
 
 
-def from_dict(cls: type, payload: dict[str, Any]) -> Any:
-    """Rebuild a spec from its dict form (nested specs too), rejecting unknown keys by name."""
+def from_dict(cls: type, payload: dict[str, Any], base: Any = None) -> Any:
+    """Rebuild a spec from its dict form (nested specs too), rejecting unknown keys by name.
+
+    Fields the payload leaves out come from ``base`` when given: a nested spec starts from
+    its field's own default (TrackStar's projection, not GradSpec's), not from the class's.
+    """
     if not isinstance(payload, dict):
         raise RayattrError(f"{cls.__name__} must be a mapping of fields, got {type(payload).__name__}")
     known = {f.name: f for f in dataclasses.fields(cls)}
@@ -292,11 +302,22 @@ def from_dict(cls: type, payload: dict[str, Any]) -> Any:
     if unknown:
         raise RayattrError(f"unknown {cls.__name__} field(s) {unknown}; known fields are {sorted(known)}")
     hints = typing.get_type_hints(cls)
-    kwargs = {}
+    kwargs = {f.name: getattr(base, f.name) for f in dataclasses.fields(cls) if f.init} if base is not None else {}
     for name, value in payload.items():
         nested = _spec_type(hints.get(name))
-        kwargs[name] = from_dict(nested, value) if nested is not None and isinstance(value, dict) else value
+        if nested is not None and isinstance(value, dict):
+            value = from_dict(nested, value, _default(known[name]))
+        kwargs[name] = value
     return cls(**kwargs)
+
+
+def _default(spec_field: dataclasses.Field) -> Any:
+    """A field's default value (calling its factory), or None when it has none."""
+    if spec_field.default is not dataclasses.MISSING:
+        return spec_field.default
+    if spec_field.default_factory is not dataclasses.MISSING:
+        return spec_field.default_factory()
+    return None
 
 
 def _spec_type(hint: Any) -> type | None:
