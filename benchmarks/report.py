@@ -24,6 +24,7 @@ SECTIONS = {  # results file stem: what it measures
     "peers": "Side by side with Bergson and kronfluence (`benchmarks/peers.py`)",
     "same_job": "`rayattr build` against `bergson build` on the same job (`benchmarks/same_job.py`)",
     "feature_cost": "What each loss and view costs against a plain build (`benchmarks/feature_cost.py`)",
+    "trackstar_storage_hard": "TrackStar recall against the bytes stored per example (`benchmarks/trackstar_storage.py`)",
 }
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 

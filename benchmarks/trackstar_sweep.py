@@ -1,17 +1,19 @@
 """What the default ``rayattr trackstar`` depends on, swept over projection seeds on a fact-tracing fixture.
 
-Every point is one ``rayattr trackstar`` run (the CLI, projection 16 Kronecker,
+Every point is one ``rayattr trackstar`` run (the CLI, Kronecker projection,
 every Linear) that differs from the defaults in one setting: the normalizer
-(Adafactor fitted from the data, or none) and ``--target-downweight-components``
+(Adafactor fitted from the data, or none), ``--target-downweight-components``
 (the eigen-rank where the query and index spectra cross; the query moment has
 rank at most the number of queries, and a target above it saturates lambda at
-1, leaving the low-rank query moment as H_mix). Each point runs with
-several projection seeds: the spread is what the random projection alone moves.
+1, leaving the low-rank query moment as H_mix) and the projection
+(``--projection-dim`` and the row ``--dtype``). Each point runs with several
+projection seeds: the spread is what the random projection alone moves.
 
     PYTHONPATH=benchmarks:. python benchmarks/trackstar_sweep.py [--variant hard] [--seeds 0 1 2]
-        [--targets 1000 300 100 30] [--normalizers adafactor none]
+        [--targets 1000 300 100 30] [--normalizers adafactor none] [--projections 22:float16 16:float32]
+        [--suffix _projection]
 
-Writes results/trackstar_sweep_VARIANT.json.
+Writes results/trackstar_sweep_VARIANT[SUFFIX].json.
 """
 
 from __future__ import annotations
@@ -31,35 +33,40 @@ from peers import METRICS, Context, rayattr_trackstar
 from rayattr.fixtures import default_cache_dir, fact_tracing_quality, make_fixture, train_fixture_model
 
 
-def sweep(variant: str, seeds: list[int], targets: list[int], normalizers: list[str], root: Path) -> list[dict]:
+def sweep(variant: str, seeds: list[int], targets: list[int], normalizers: list[str], projections: list[str],
+          root: Path) -> list[dict]:
     fixture = make_fixture(default_cache_dir(), variant=variant)
     ctx = Context(fixture, train_fixture_model(fixture), root, pq.read_metadata(fixture.queries).num_rows,
                   pq.read_metadata(fixture.train).num_rows, 1, {})
     rows = []
-    for normalizer, target, seed in itertools.product(normalizers, targets, seeds):
-        name = f"{normalizer}-t{target}-s{seed}"
+    for normalizer, target, projection, seed in itertools.product(normalizers, targets, projections, seeds):
+        name = f"{normalizer}-t{target}-p{projection}-s{seed}"
         print(name, flush=True)
+        dim, dtype = projection.split(":")
         scores, seconds = rayattr_trackstar(ctx, name, "--normalizer", normalizer, "--seed", str(seed),
-                                            "--target-downweight-components", str(target))
+                                            "--target-downweight-components", str(target),
+                                            "--projection-dim", dim, "--dtype", dtype)
         ranked = np.argsort(-scores, axis=1, kind="stable")
         quality = fact_tracing_quality(fixture, np.arange(ctx.num_queries), ranked)
-        rows.append({"normalizer": normalizer, "target": target, "seed": seed, "wall_s": sum(seconds.values())}
+        rows.append({"normalizer": normalizer, "target": target, "projection": projection, "seed": seed,
+                     "wall_s": sum(seconds.values())}
                     | {m: quality[m] for m in METRICS})
     return rows
 
 
 def summary_table(report: dict) -> Table:
     """Mean and range over seeds of each point."""
-    table = Table("normalizer", "target", *[f"{m} mean [min, max]" for m in METRICS], title=report["title"])
+    table = Table("normalizer", "target", "projection", *[f"{m} mean [min, max]" for m in METRICS],
+                  "recall@10 per seed", title=report["title"])
     points: dict[tuple, list[dict]] = {}
     for row in report["rows"]:
-        points.setdefault((row["normalizer"], row["target"]), []).append(row)
-    for (normalizer, target), runs in points.items():
+        points.setdefault((row["normalizer"], row["target"], row.get("projection", "16:float32")), []).append(row)
+    for (normalizer, target, projection), runs in points.items():
         cells = []
         for metric in METRICS:
             values = np.array([r[metric] for r in runs])
             cells.append(f"{values.mean():.3f} [{values.min():.3f}, {values.max():.3f}]")
-        table.add_row(normalizer, str(target), *cells)
+        table.add_row(normalizer, str(target), projection, *cells, ", ".join(f"{r['recall@10']:.3f}" for r in runs))
     return table
 
 
@@ -69,14 +76,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--targets", type=int, nargs="+", default=[1000, 300, 100, 30])
     parser.add_argument("--normalizers", nargs="+", default=["adafactor", "none"], choices=["adafactor", "none"])
+    parser.add_argument("--projections", nargs="+", default=["22:float16"],
+                        help="P:DTYPE pairs, --projection-dim and --dtype of each point (default: the trackstar default)")
+    parser.add_argument("--suffix", default="", help="appended to the results file name, to keep earlier sweeps")
     args = parser.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
-        rows = sweep(args.variant, args.seeds, args.targets, args.normalizers, Path(tmp))
+        rows = sweep(args.variant, args.seeds, args.targets, args.normalizers, args.projections, Path(tmp))
     report = {"variant": args.variant, "seeds": args.seeds, "rows": rows, "wall_s": time.perf_counter() - started,
-              "title": f"rayattr trackstar, projection 16, {args.variant} fixture: one setting changed per row, "
+              "title": f"rayattr trackstar, {args.variant} fixture: one setting changed per row, "
                        f"{len(args.seeds)} projection seeds"}
-    write_results(f"trackstar_sweep_{args.variant}", "small", report, [summary_table(report)])
+    write_results(f"trackstar_sweep_{args.variant}{args.suffix}", "small", report, [summary_table(report)])
 
 
 if __name__ == "__main__":

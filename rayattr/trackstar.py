@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from rayattr import storage
-from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec, stable_hash, to_dict
+from rayattr.config import TRACKSTAR_GRADS, DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec, stable_hash, to_dict
 from rayattr.configfile import config_command, save_config
 from rayattr.data import sample_split
 from rayattr.grads.normalizer import from_optimizer_state
@@ -43,7 +43,7 @@ class TrackstarSpec:
     model: ModelSpec
     train: DataSpec
     query: DataSpec
-    grads: GradSpec = field(default_factory=GradSpec)
+    grads: GradSpec = field(default_factory=lambda: TRACKSTAR_GRADS)
     # auto: Adafactor from optimizer_state when given, else none (Bergson's convention; without
     # an optimizer state, none beat an Adafactor fitted from data: benchmarks/trackstar_sweep.py)
     normalizer: NormalizerChoice = "auto"

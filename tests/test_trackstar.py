@@ -3,7 +3,8 @@
 Measured on the easy fixture (2,200 documents, fine-tuned tiny GPT-NeoX,
 projection 16, Adafactor normalizer from the fine-tune's AdamW state, mixed
 second moments): recall@10 0.21 and MRR 0.34 over all 150 queries, against
-0.0045 for a random ranking. This test scores the whole corpus for the first
+0.0045 for a random ranking; the default projection 22 does better
+(benchmarks/README.md, trackstar_sweep.py). This test scores the whole corpus for the first
 40 queries and asks for 20x the random recall.
 """
 
@@ -88,7 +89,10 @@ def test_kept_gradients_equal_a_build_with_the_runs_normalizer(run, offline_fixt
     (meta, rows), = collect_in_process(RunSpec(spec.model, dataclasses.replace(spec.train, split="train[:5]"), grads))
     ids, vectors = index.read_matrix()
     np.testing.assert_array_equal(ids[:5], rows.ids)
-    assert_rows_close(vectors[:5], rows.grads)
+    assert index.meta.dtype == rows.grads.dtype.name == "float16"  # TrackStar's default rows
+    # Other batches reorder float32 sums by ~1e-7; where that crosses a float16 rounding
+    # boundary an entry moves by one float16 step, at most 2^-10 of the row's largest entry.
+    assert_rows_close(vectors[:5], rows.grads, tol=2**-10)
 
 
 def test_analysis_example_reads_the_run_without_rayattr(run, offline_fixture):

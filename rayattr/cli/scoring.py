@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from rayattr.cli.application import app
-from rayattr.cli.options import (AggregationKind, BaseModelOpt, CompletionColumnOpt, LossFn, LossFnOpt, NumHeadsOpt,
+from rayattr.cli.options import (AggregationKind, BaseModelOpt, CompletionColumnOpt, DtypeOpt, VectorDtype, LossFn, LossFnOpt, NumHeadsOpt,
                                  SplitAttentionOpt, ConversationColumnOpt, DatasetOpt, ExcludeOpt,
                                  HessianPathOpt, IncludeBiasOpt, PromptColumnOpt, RewardColumnOpt, SkipNanRewardsOpt,
                                  KeepGradientsOpt, LossReduction, LossReductionOpt, MaxLengthOpt, ModelOpt, ModulesOpt,
@@ -19,7 +19,7 @@ from rayattr.cli.options import (AggregationKind, BaseModelOpt, CompletionColumn
                                  TokenBatchOpt, TopKOpt, TrackstarNormalizer, TruncationOpt, UnitNormalizeOpt,
                                  WorkersOpt, ZeroStageOpt, run_spec, saved, streams_dataset, user_errors)
 from rayattr.cli.render import console, print_progress, print_topk, progress_bar
-from rayattr.config import DataSpec, RayattrError, check_zero_stage
+from rayattr.config import TRACKSTAR_GRADS, DataSpec, RayattrError, check_zero_stage
 from rayattr.hessian.factors import TARGET_DOWNWEIGHT_COMPONENTS
 
 
@@ -111,7 +111,8 @@ def trackstar_command(
     query_conversation_column: Annotated[Optional[str], typer.Option(help="Conversation column of the query dataset")] = None,
     max_length: MaxLengthOpt = None,
     truncation: TruncationOpt = False,
-    projection_dim: ProjectionDimOpt = 16,
+    projection_dim: ProjectionDimOpt = TRACKSTAR_GRADS.projection_dim,
+    dtype: DtypeOpt = VectorDtype(TRACKSTAR_GRADS.dtype),
     seed: SeedOpt = 0,
     include_bias: IncludeBiasOpt = False,
     loss_reduction: LossReductionOpt = LossReduction.sum,
@@ -143,10 +144,10 @@ def trackstar_command(
     base = run_spec(model, dataset, split, text_column=text_column, prompt_column=prompt_column,
                      completion_column=completion_column, conversation_column=conversation_column,
                      reward_column=reward_column, skip_nan_rewards=skip_nan_rewards,
-                     max_length=max_length, truncation=truncation, precision=precision, projection_dim=projection_dim, seed=seed, include_bias=include_bias,
-                     loss_reduction=loss_reduction, loss_fn=loss_fn, modules=modules, exclude_modules=exclude_modules,
-                     split_attention=split_attention, num_heads=num_heads, token_batch_size=token_batch_size,
-                     base_model=base_model)
+                     max_length=max_length, truncation=truncation, precision=precision, projection_dim=projection_dim, dtype=dtype, seed=seed,
+                     include_bias=include_bias, loss_reduction=loss_reduction, loss_fn=loss_fn, modules=modules,
+                     exclude_modules=exclude_modules, split_attention=split_attention, num_heads=num_heads,
+                     token_batch_size=token_batch_size, base_model=base_model)
     query = DataSpec(query_dataset, split=query_split, text_column=query_text_column, prompt_column=query_prompt_column,
                      completion_column=query_completion_column, conversation_column=query_conversation_column,
                      max_length=max_length, truncation=truncation)

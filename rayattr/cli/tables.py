@@ -11,7 +11,7 @@ from rich.table import Table
 
 from rayattr.cli.application import app
 from rayattr.cli.options import (AnnMetric, CompletionColumnOpt, ConversationColumnOpt, DatasetOpt, ModelOpt, PromptColumnOpt, RayAddressOpt,
-                                 RunPathArg, SaveConfigOpt, SplitOpt, SubsetOpt, TextColumnOpt, VectorDtype, WorkersOpt,
+                                 RunPathArg, SaveConfigOpt, DtypeOpt, SplitOpt, SubsetOpt, TextColumnOpt, VectorDtype, WorkersOpt,
                                  ZeroStageOpt, run_spec, saved, streams_dataset, user_errors)
 from rayattr.cli.render import console, cut, print_progress, progress_bar
 from rayattr.config import DataSpec, RayattrError, check_zero_stage
@@ -26,7 +26,7 @@ def build(
     dataset: DatasetOpt,
     workers: WorkersOpt = 1,
     zero_stage: ZeroStageOpt = 0,
-    dtype: Annotated[VectorDtype, typer.Option(help="Stored vector dtype")] = VectorDtype.float32,
+    dtype: DtypeOpt = VectorDtype.float32,
     per_token: Annotated[bool, typer.Option(help="One row per token instead of per document")] = False,
     ray_address: RayAddressOpt = None,
     save_config: SaveConfigOpt = None,
