@@ -122,6 +122,8 @@ def bergson_inputs(train: Path, queries: Path, model: Path, out: Path) -> tuple[
     copy = out / "model"
     if not copy.exists():
         shutil.copytree(model, copy, ignore=shutil.ignore_patterns("optimizer.pt", "optimizer_param_names.json"))
+        # transformers reads chat_template.jinja before tokenizer_config.json: replace the template in both
+        (copy / "chat_template.jinja").write_text(CONCAT_TEMPLATE)
         config = json.loads((copy / "tokenizer_config.json").read_text())
         (copy / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": CONCAT_TEMPLATE}, indent=1))
     return files["train"], files["queries"], copy
