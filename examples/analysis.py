@@ -46,18 +46,32 @@ def score_distribution(db, train: pd.DataFrame, source_column: str) -> pd.DataFr
     return frame.groupby("source")["best"].describe(percentiles=[0.5, 0.9, 0.99])
 
 
+def gradient_vectors(batch, meta: dict) -> np.ndarray:
+    """A batch's ``grad`` vectors as float32: float rows as they are, ``int4`` rows decoded (README, Gradient table)."""
+    if meta["dtype"] != "int4":
+        return batch.column("grad").flatten().to_numpy().reshape(-1, meta["dim"]).astype(np.float32)
+    packed = batch.column("grad").flatten().to_numpy().reshape(batch.num_rows, -1)
+    nibbles = np.stack([packed & 0x0F, packed >> 4], axis=2).reshape(batch.num_rows, -1)[:, : meta["dim"]]
+    codes = (nibbles.astype(np.int8) ^ 8) - 8  # two's complement, -8 .. 7
+    steps = batch.column("grad_step").flatten().to_numpy().reshape(batch.num_rows, -1)
+    sketched = meta["projection"]["type"] in ("afjl", "affd", "qk", "fjl", "dense")
+    widths = [meta["dim"]] if sketched else [module["width"] for module in meta["modules"]]
+    return (codes + 0.5) * np.repeat(steps, widths, axis=1)
+
+
 def nearest_training_neighbours(db, example: int, k: int) -> pd.DataFrame:
     """Cosine neighbours of one training document's gradient, by an exact streaming scan."""
     table = db.open_table("gradients")
     meta = json.loads(table.schema.metadata[b"rayattr"])
-    row = table.to_lance().to_table(columns=["grad"], filter=f"id = {example}")
+    columns = ["id", "grad", "grad_step"] if meta["dtype"] == "int4" else ["id", "grad"]
+    row = table.to_lance().to_table(columns=columns, filter=f"id = {example}")
     if not row.num_rows:
         raise SystemExit(f"document {example} is not in the gradients table")
-    target = row.column("grad").combine_chunks().flatten().to_numpy().astype(np.float32)
+    target = gradient_vectors(row.combine_chunks().to_batches()[0], meta)[0]
     target /= np.linalg.norm(target)
     best = None
-    for batch in table.to_lance().to_batches(columns=["id", "grad"], batch_size=8192):
-        vectors = batch.column("grad").flatten().to_numpy().reshape(-1, meta["dim"]).astype(np.float32)
+    for batch in table.to_lance().to_batches(columns=columns, batch_size=8192):
+        vectors = gradient_vectors(batch, meta)
         cosine = vectors @ target / np.maximum(np.linalg.norm(vectors, axis=1), 1e-30)
         block = pd.DataFrame({"id": batch.column("id").to_numpy(), "cosine": cosine})
         best = pd.concat([best, block]).nlargest(k + 1, "cosine") if best is not None else block.nlargest(k + 1, "cosine")

@@ -26,7 +26,7 @@ ProjectionType = Literal[
     "rademacher", "normal", "kronecker-rademacher", "kronecker-normal", "fjl", "afjl", "affd", "qk", "dense"
 ]
 KRONECKER_ALIASES = {"kronecker-rademacher": "rademacher", "kronecker-normal": "normal"}
-VectorDtype = Literal["float16", "float32"]
+VectorDtype = Literal["float16", "float32", "int4"]  # int4: rayattr.codec
 LossReduction = Literal["sum", "mean"]
 LossFn = Literal["ce", "kl"]
 Labels = Literal["data", "sampled"]
@@ -212,6 +212,11 @@ class GradSpec:
             raise RayattrError(f"--labels must be data or sampled, got {self.labels!r}")
         if self.labels == "sampled" and self.loss_fn != "ce":
             raise RayattrError("--labels sampled draws cross-entropy targets; it has no meaning with --loss-fn kl")
+        if self.dtype not in typing.get_args(VectorDtype):
+            raise RayattrError(f"--dtype must be one of {', '.join(typing.get_args(VectorDtype))}, got {self.dtype!r}")
+        if self.dtype == "int4" and not self.projection_dim:
+            raise RayattrError("--dtype int4 quantizes projected rows (one step per module or sketch): "
+                               "use --projection-dim > 0, or --dtype float16 for full gradients")
         if self.token_batch_size < 2:
             raise RayattrError(f"--token-batch-size must be >= 2, got {self.token_batch_size}")
         if self.num_heads is not None and self.num_heads < 1:

@@ -26,6 +26,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from rayattr.codec import FLOAT_TYPES, GRAD
 from rayattr.config import (
     DataSpec,
     GradSpec,
@@ -45,11 +46,9 @@ from rayattr.store import (
     GradientTable,
     TableMeta,
     require_compatible,
-    vectors_of,
 )
 from rayattr.topk import TopK
 
-GRAD = "grad"
 METRICS = ("cosine", "dot")
 # 8-bit product quantization trains 256 centroids per sub-vector: fewer rows cannot train it.
 MIN_ANN_ROWS = 256
@@ -151,8 +150,8 @@ class Index:
     def _exact(self, scorer: Scorer, k: int, batch_size: int) -> SearchResult:
         """Score the streamed table batch by batch, keeping a running top-k."""
         best = TopK.empty(k, scorer.queries.shape[0])
-        for batch in self.table.iter_batches(["id", GRAD], batch_size):
-            rows = torch.tensor(vectors_of(batch.column(GRAD), self.meta.dim), dtype=torch.float32)
+        for batch in self.table.iter_batches(["id", *self.table.codec.columns], batch_size):
+            rows = torch.tensor(self.table.codec.decode(batch), dtype=torch.float32)
             best = best.merge(TopK.of_block(k, batch.column("id").to_numpy(), scorer.score(rows).numpy()))
         return SearchResult(best.ids, best.scores)
 
@@ -206,6 +205,9 @@ def build_ann_index(
     if metric not in METRICS:
         raise RayattrError(f"unknown --metric {metric!r}; choose cosine (for --unit-norm searches) or dot")
     gradients = GradientTable.open(uri, table)
+    if gradients.meta.dtype not in FLOAT_TYPES:
+        raise RayattrError(f"table {table!r} in {uri} stores {gradients.meta.dtype} codes, which LanceDB's vector index "
+                           "cannot read; search it exactly (without --ann), or build the table with --dtype float16")
     rows, dim = gradients.count(), gradients.meta.dim
     if rows < MIN_ANN_ROWS:
         raise RayattrError(f"table {table!r} in {uri} has {rows} rows; an IVF-PQ index needs at least {MIN_ANN_ROWS}, "

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from rayattr import __version__, storage
+from rayattr.codec import RowCodec
 from rayattr.config import RayattrError
 from rayattr.space import FORMAT_VERSION, GRADIENTS, SPACE_FIELDS, VECTOR_FIELDS, TableMeta, space_mismatches
 
@@ -27,7 +28,6 @@ TOKEN_SCORES = "token_scores"
 TOPK = "topk"
 META_KEY = b"rayattr"
 RECORDS_DIR = "_rayattr"  # completion records, beside the tables of a run path
-ARROW_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 
 
 def require_compatible(index: TableMeta, query: TableMeta) -> None:
@@ -46,7 +46,7 @@ def gradient_schema(meta: TableMeta) -> pa.Schema:
     fields = [pa.field("id", pa.int64()), pa.field("num_tokens", pa.int32()), pa.field("loss", pa.float32())]
     if meta.per_token:
         fields.append(pa.field("token_pos", pa.int32()))
-    fields.append(pa.field("grad", pa.list_(ARROW_DTYPES[meta.dtype], meta.dim)))
+    fields += RowCodec.of(meta).fields()
     return pa.schema(fields, metadata={META_KEY: meta.to_json()})
 
 
@@ -275,6 +275,7 @@ class GradientTable(RowTable):
     def __init__(self, table, meta: TableMeta, uri: str) -> None:
         super().__init__(table, uri, gradient_schema(meta), meta.per_token)
         self.meta = meta
+        self.codec = RowCodec.of(meta)
 
     @classmethod
     def create(cls, uri: str, meta: TableMeta, name: str = GRADIENTS) -> GradientTable:
@@ -291,16 +292,15 @@ class GradientTable(RowTable):
     def read_matrix(self, batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, vectors)`` sorted by id (then token position), filled batch by batch."""
         total = self.count()
-        dtype = np.float16 if self.meta.dtype == "float16" else np.float32
-        vectors = np.empty((total, self.meta.dim), dtype)
+        vectors = np.empty((total, self.meta.dim), np.float16 if self.meta.dtype == "float16" else np.float32)
         ids = np.empty(total, np.int64)
         pos = np.zeros(total, np.int32)
-        columns = ["id", "grad"] + (["token_pos"] if self.meta.per_token else [])
+        columns = ["id", *self.codec.columns] + (["token_pos"] if self.meta.per_token else [])
         row = 0
         for batch in self.iter_batches(columns, batch_size):
             n = batch.num_rows
             ids[row : row + n] = batch.column("id").to_numpy()
-            vectors[row : row + n] = vectors_of(batch.column("grad"), self.meta.dim)
+            vectors[row : row + n] = self.codec.decode(batch)
             if self.meta.per_token:
                 pos[row : row + n] = batch.column("token_pos").to_numpy()
             row += n
@@ -351,10 +351,3 @@ class ScoreTable(RowTable):
         payload = json.loads(raw)
         payload.pop("format_version", None), payload.pop("rayattr_version", None)
         return cls(table, ScoreMeta(**payload), uri)
-
-
-def vectors_of(column: pa.Array, dim: int) -> np.ndarray:
-    """A fixed-size-list column as an ``[n, dim]`` numpy view (no per-row Python)."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)

@@ -11,17 +11,18 @@ gradient tables beside them. Sub-runs (trackstar's ``query``) are checked too.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
 from rayattr import storage
+from rayattr.codec import RowCodec, vectors_of
 from rayattr.config import RayattrError
 from rayattr.space import space_mismatches
 from rayattr.store import (
-    ARROW_DTYPES, META_KEY, SCORES, TOPK, Completion, GradientTable, RowTable, ScoreTable, TableMeta,
-    connect, vectors_of,
+    META_KEY, SCORES, TOPK, Completion, GradientTable, RowTable, ScoreTable, TableMeta, connect,
 )
 
 STATS_DIRS = ("stats", "index_stats", "query_stats", "mixed")
@@ -87,24 +88,29 @@ def _verify_table(run_path: str, name: str, report: VerifyReport, where: str) ->
     kind = json.loads(raw).get("kind")
     if kind == SCORES:
         table: RowTable = ScoreTable.open(run_path, name)
-        width, column, dtype = table.meta.width, "scores", "float32"
+        width = table.meta.width
+        fields = [pa.field("scores", pa.list_(pa.float32(), width))]
+        decode: Callable[[pa.RecordBatch], np.ndarray] = lambda batch: vectors_of(batch.column("scores"), width)  # noqa: E731
     else:
         table = GradientTable.open(run_path, name)
-        width, column, dtype = table.meta.dim, "grad", table.meta.dtype
-    stored = table.table.schema.field(column).type
-    wanted = pa.list_(ARROW_DTYPES[dtype], width)
-    if stored != wanted:
-        report.problems.append(f"{where}: column {column!r} is {stored} but the metadata says {wanted}; rebuild the table")
-        return None
-    _verify_rows(table, column, width, report, where)
+        codec = RowCodec.of(table.meta)
+        fields, decode = codec.fields(), codec.decode
+    for wanted in fields:
+        stored = table.table.schema.field(wanted.name).type if wanted.name in table.table.schema.names else None
+        if stored != wanted.type:
+            report.problems.append(f"{where}: column {wanted.name!r} is {stored} but the metadata says {wanted.type}; "
+                                   "rebuild the table")
+            return None
+    _verify_rows(table, [f.name for f in fields], decode, report, where)
     return table.meta if isinstance(table, GradientTable) else None  # preprocessed query rows too: same space
 
 
-def _verify_rows(table: RowTable, column: str, width: int, report: VerifyReport, where: str) -> None:
+def _verify_rows(table: RowTable, columns: list[str], decode: Callable[[pa.RecordBatch], np.ndarray],
+                 report: VerifyReport, where: str) -> None:
     """Ids exactly once (against the completion record) and finite vectors, in one stream plus one id count."""
     bad: list[np.ndarray] = []
-    for batch in table.iter_batches(["id", column]):
-        finite = np.isfinite(vectors_of(batch.column(column), width)).all(axis=1)
+    for batch in table.iter_batches(["id", *columns]):
+        finite = np.isfinite(decode(batch)).all(axis=1)
         bad.append(batch.column("id").to_numpy()[~finite])
     non_finite = np.unique(np.concatenate(bad)) if bad else np.zeros(0, np.int64)
     if non_finite.size:

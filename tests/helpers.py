@@ -66,3 +66,20 @@ def _cmdline(process: psutil.Process) -> list[str]:
         return process.cmdline()
     except psutil.Error:  # exited meanwhile
         return []
+
+
+def make_meta(dtype: str = "float32", dim: int = 12, per_token: bool = False, **overrides) -> TableMeta:
+    fields = dict(
+        model={"name": "tiny", "revision": "", "config": "c0ffee", "weights": "beef"},
+        modules=[
+            {"name": "a", "out_features": 2, "in_features": 3, "p_out": 2, "p_in": 3, "offset": 0, "width": 6},
+            {"name": "b", "out_features": 3, "in_features": 2, "p_out": 3, "p_in": 2, "offset": 6, "width": 6},
+        ],
+        projection={"type": "rademacher", "dim": 0, "seed": 0, "fingerprint": GradSpec(projection_dim=0).projection_fingerprint()},
+        dtype=dtype,
+        dim=dim,
+        per_token=per_token,
+        data={"dataset": "train.parquet", "split": "train"},
+    )
+    fields.update(overrides)
+    return TableMeta(**fields)

@@ -12,12 +12,12 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "rayattr"
 RAY_FREE = ("rayattr.grads", "rayattr.hessian", "rayattr.score", "rayattr.config", "rayattr.chat", "rayattr.data", "rayattr.model",
-            "rayattr.storage", "rayattr.space", "rayattr.store")
+            "rayattr.storage", "rayattr.space", "rayattr.codec", "rayattr.store")
 # The layers, bottom first; a module (or package) may import its own layer and those below.
 LAYERS = (
     ("rayattr", "rayattr.config"),
     ("rayattr.storage", "rayattr.chat", "rayattr.data", "rayattr.model", "rayattr.space", "rayattr.fixtures"),
-    ("rayattr.configfile", "rayattr.grads"),
+    ("rayattr.configfile", "rayattr.codec", "rayattr.grads"),
     ("rayattr.hessian",),
     ("rayattr.score", "rayattr.topk"),
     ("rayattr.store",),

@@ -11,10 +11,12 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute in the dedup test
 import pytest
 
+from helpers import make_meta
 from rayattr import __version__
+from rayattr.codec import RowCodec
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError
 from rayattr.data import TokenizedDocs
-from rayattr.grads.engine import GradientEngine, GradientRows, _to_storage
+from rayattr.grads.engine import GradientEngine, GradientRows
 from rayattr.model import model_fingerprint
 from rayattr.store import (
     FORMAT_VERSION,
@@ -27,23 +29,6 @@ from rayattr.store import (
 )
 
 F16_MAX = 65504.0
-
-
-def make_meta(dtype: str = "float32", dim: int = 12, per_token: bool = False, **overrides) -> TableMeta:
-    fields = dict(
-        model={"name": "tiny", "revision": "", "config": "c0ffee", "weights": "beef"},
-        modules=[
-            {"name": "a", "out_features": 2, "in_features": 3, "p_out": 2, "p_in": 3, "offset": 0, "width": 6},
-            {"name": "b", "out_features": 3, "in_features": 2, "p_out": 3, "p_in": 2, "offset": 6, "width": 6},
-        ],
-        projection={"type": "rademacher", "dim": 0, "seed": 0, "fingerprint": GradSpec(projection_dim=0).projection_fingerprint()},
-        dtype=dtype,
-        dim=dim,
-        per_token=per_token,
-        data={"dataset": "train.parquet", "split": "train"},
-    )
-    fields.update(overrides)
-    return TableMeta(**fields)
 
 
 def make_rows(ids, dim: int, seed: int, dtype=np.float32, token_pos=None) -> GradientRows:
@@ -226,14 +211,14 @@ def test_create_existing_table_resumes_or_refuses(tmp_path):
 # ----------------------------------------------------------------------------- float16 storage
 
 
-def test_to_storage_clamps_float16():
+def test_float16_storage_clamps_to_its_range():
     grads = np.array([[1e6, -1e6, 1.5, 65504.0], [np.float32(7e4), -7e4, 0.0, -3.25]], dtype=np.float32)
-    stored = _to_storage(grads, np.float16)
+    stored, _ = RowCodec("float16", 4).encode(grads)
     assert stored.dtype == np.float16
     assert np.isfinite(stored).all()
     np.testing.assert_array_equal(stored, np.array([[F16_MAX, -F16_MAX, 1.5, F16_MAX], [F16_MAX, -F16_MAX, 0, -3.25]], np.float16))
     # float32 storage keeps the values untouched.
-    np.testing.assert_array_equal(_to_storage(grads, np.float32), grads)
+    np.testing.assert_array_equal(RowCodec("float32", 4).encode(grads)[0], grads)
 
 
 def test_engine_float16_rows_clamp_large_gradients(tmp_path, load_fixture_model):

@@ -89,7 +89,8 @@ RankTotalOpt = Annotated[Optional[int], typer.Option(
 RankMinOpt = Annotated[int, typer.Option(help="Smallest p_out and p_in --proj-rank-total gives a module")]
 RowOrthonormalOpt = Annotated[bool, typer.Option(help="Kronecker factors with orthogonal rows (QR of the random draw)")]
 SeedOpt = Annotated[int, typer.Option(help="Projection seed")]
-DtypeOpt = Annotated[VectorDtype, typer.Option(help="Stored vector dtype (scores are computed from rows in it)")]
+DtypeOpt = Annotated[VectorDtype, typer.Option(
+    help="Stored vector dtype; int4: 4-bit codes with one step per module (scores are computed from rows in it)")]
 IncludeBiasOpt = Annotated[bool, typer.Option(
     help="Also attribute through biases: a biased module's gradient is [G | g_b] (kronfluence's convention)")]
 LossReductionOpt = Annotated[LossReduction, typer.Option(

@@ -14,6 +14,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from rayattr.codec import RowCodec
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec, to_dict
 from rayattr.data import TokenizedDocs, token_budget_batches
 from rayattr.grads.collector import GradientCollector, ModuleLayout
@@ -22,9 +23,6 @@ from rayattr.grads.normalizer import Normalizer
 from rayattr.model import load_model, load_tokenizer, model_fingerprint, tokenizer_source
 from rayattr.space import TableMeta
 
-_NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32}
-
-
 @dataclass
 class GradientRows:
     """Gradient rows of a set of documents, in columns (one row per doc or per token)."""
@@ -32,15 +30,18 @@ class GradientRows:
     ids: np.ndarray  # int64 [R]
     num_tokens: np.ndarray  # int32 [R]: tokens in the document
     loss: np.ndarray  # float32 [R]: the document's summed loss
-    grads: np.ndarray  # [R, D] float16/float32
+    grads: np.ndarray  # [R, D] the values a table stores: float16/float32 (int4 codes read back as float32)
     token_pos: np.ndarray | None = None  # int32 [R] in per-token mode
     skipped: np.ndarray | None = None  # ids of documents with no loss token (empty or too short)
     non_finite: np.ndarray | None = None  # ids of documents whose loss or gradient overflowed: no row
+    stored: dict[str, pa.Array] | None = None  # the vector columns as written (``RowCodec.encode``); None: ``grads``
+
+    def encode(self, codec: RowCodec, values: np.ndarray) -> None:
+        """Replace the vectors by ``values`` as ``codec`` stores them."""
+        self.grads, self.stored = codec.encode(values)
 
     def to_arrow(self) -> pa.Table:
-        """The gradient-table layout: ``id, num_tokens, loss, [token_pos,] grad``."""
-        dim = self.grads.shape[1]
-        flat = pa.array(np.ascontiguousarray(self.grads).reshape(-1))
+        """The gradient-table layout: ``id, num_tokens, loss, [token_pos,] grad[, grad_step]``."""
         columns = {
             "id": pa.array(self.ids, pa.int64()),
             "num_tokens": pa.array(self.num_tokens, pa.int32()),
@@ -48,8 +49,9 @@ class GradientRows:
         }
         if self.token_pos is not None:
             columns["token_pos"] = pa.array(self.token_pos, pa.int32())
-        columns["grad"] = pa.FixedSizeListArray.from_arrays(flat, dim)
-        return pa.table(columns)
+        if self.stored is None:
+            self.grads, self.stored = RowCodec(self.grads.dtype.name, self.grads.shape[1]).encode(self.grads)
+        return pa.table(columns | self.stored)
 
 
 def collate(docs: TokenizedDocs, index: np.ndarray, pad_token_id: int, padding_side: str = "right") -> TokenBatch:
@@ -98,6 +100,12 @@ class GradientEngine:
     @property
     def dim(self) -> int:
         return self.collector.dim
+
+    @property
+    def codec(self) -> RowCodec:
+        """How this engine's rows are stored: int4 steps per module, or one for a whole sketch."""
+        widths = (self.dim,) if self.spec.sketched else tuple(layout.width for layout in self.layouts)
+        return RowCodec(self.spec.dtype, self.dim, widths if self.spec.dtype == "int4" else ())
 
     def close(self) -> None:
         self.collector.close()
@@ -179,12 +187,13 @@ class GradientEngine:
 
     def _assemble(self, docs: TokenizedDocs, lengths: np.ndarray, parts: list, skipped: np.ndarray) -> GradientRows:
         """Concatenate batch outputs and restore input order (docs, then tokens)."""
-        dtype = _NUMPY_DTYPES[self.spec.dtype]
         if not parts:
             empty = np.zeros(0, dtype=np.int64)
             token_pos = np.zeros(0, np.int32) if self.spec.per_token else None
-            return GradientRows(empty, empty.astype(np.int32), empty.astype(np.float32),
-                                np.zeros((0, self.dim), dtype), token_pos, skipped, empty)
+            rows = GradientRows(empty, empty.astype(np.int32), empty.astype(np.float32), np.zeros((0, self.dim)),
+                                token_pos, skipped, empty)
+            rows.encode(self.codec, rows.grads)
+            return rows
         doc_index = np.concatenate([index[example.cpu().numpy()] for index, _, _, example, _ in parts])
         doc_loss = np.zeros(len(docs), np.float32)
         for index, _, loss, _, _ in parts:
@@ -204,15 +213,17 @@ class GradientEngine:
         finite[doc_index[~np.isfinite(grads).all(axis=1)]] = False
         keep = finite[doc_index]
         doc_index = doc_index[keep]
-        return GradientRows(
+        rows = GradientRows(
             ids=docs.ids[doc_index],
             num_tokens=lengths[doc_index].astype(np.int32),
             loss=doc_loss[doc_index],
-            grads=_to_storage(grads[keep], dtype),
+            grads=grads[keep],
             token_pos=None if token_pos is None else token_pos[keep],
             skipped=skipped,
             non_finite=docs.ids[~finite],  # documents in no batch (skipped) have loss 0: finite
         )
+        rows.encode(self.codec, rows.grads)
+        return rows
 
 
 def engine_for(spec: RunSpec) -> tuple[GradientEngine, TableMeta]:
@@ -226,11 +237,3 @@ def engine_for(spec: RunSpec) -> tuple[GradientEngine, TableMeta]:
     normalizer = Normalizer.load(spec.grads.normalizer) if spec.grads.normalizer else None
     engine = GradientEngine(model, spec.grads, tokenizer.pad_token_id, normalizer=normalizer)
     return engine, engine.table_meta(model_fingerprint(model, spec.model), spec.data, spec.model)
-
-
-def _to_storage(grads: np.ndarray, dtype: type) -> np.ndarray:
-    """Cast to the storage dtype, clamping to its finite range (float16 tops out at 65504)."""
-    if dtype is np.float32:
-        return grads.astype(np.float32, copy=False)
-    limit = np.finfo(dtype).max
-    return np.clip(grads, -limit, limit).astype(dtype)

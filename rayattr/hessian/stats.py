@@ -23,6 +23,7 @@ from rayattr.hessian.factors import ekfac_lambda
 
 Method = Literal["second-moment", "ekfac", "normalizer"]  # row passes (K-FAC taps tokens: TokenAccumulator)
 Sums = dict[str, dict[str, torch.Tensor]]
+PENDING_ROWS = 512  # second-moment rows gathered before one GEMM per module adds them
 
 
 def merge(left: Sums, right: Sums) -> Sums:
@@ -56,26 +57,51 @@ class RowAccumulator:
         self.method = method
         self.layouts = layouts
         self.eigenbases = eigenbases
-        self.sums: Sums = {layout.name: {} for layout in layouts}
+        self._sums: Sums = {layout.name: {} for layout in layouts}
+        self._pending: list[torch.Tensor] = []  # second-moment rows not yet in ``xx``
+
+    @property
+    def sums(self) -> Sums:
+        """The partial sums over every row added so far."""
+        self._flush()
+        return self._sums
 
     def update(self, grads: torch.Tensor, tokens: int) -> None:
         """Add ``[rows, D]`` gradient rows (already normalized/projected by the collector) of
         documents holding ``tokens`` tokens, counted as the K-FAC pass counts them."""
+        if self.method == "second-moment":
+            self._pending.append(grads)  # ``_flush`` adds ``x^T x`` of many batches at once
+            if sum(len(rows) for rows in self._pending) >= PENDING_ROWS:
+                self._flush()
         for layout in self.layouts:
-            x = grads[:, layout.offset : layout.offset + layout.width].double()
-            if self.method == "second-moment":
-                self._add(layout.name, xx=x.T @ x)
-            elif self.method == "ekfac":
-                bases = self.eigenbases[layout.name]
-                full = x.view(-1, layout.p_out, layout.p_in)
-                self._add(layout.name, lambda_sum=ekfac_lambda(full, bases["q_out"], bases["q_in"]))
-            else:
-                self._add(layout.name, sq=x.square().sum(0).view(layout.out_features, layout.in_features))
-            self._add(layout.name, count=torch.tensor(float(x.shape[0]), dtype=torch.float64),
+            if self.method != "second-moment":
+                x = grads[:, layout.offset : layout.offset + layout.width].double()
+                if self.method == "ekfac":
+                    bases = self.eigenbases[layout.name]
+                    lambda_sum = ekfac_lambda(x.view(-1, layout.p_out, layout.p_in), bases["q_out"], bases["q_in"])
+                    self._add(layout.name, lambda_sum=lambda_sum)
+                else:
+                    self._add(layout.name, sq=x.square().sum(0).view(layout.out_features, layout.in_features))
+            self._add(layout.name, count=torch.tensor(float(grads.shape[0]), dtype=torch.float64),
                       tokens=torch.tensor(float(tokens), dtype=torch.float64))
 
+    def _flush(self) -> None:
+        """``xx += X^T X`` of the pending rows, one float64 GEMM per module: per-batch updates of a
+        wide moment are bound by writing the whole ``[D, D]`` sum, not by the products."""
+        if not self._pending:
+            return
+        rows = torch.cat(self._pending)
+        self._pending = []
+        for layout in self.layouts:
+            x = rows[:, layout.offset : layout.offset + layout.width].double()
+            slot = self._sums[layout.name]
+            if "xx" in slot:
+                slot["xx"].addmm_(x.T, x)
+            else:
+                slot["xx"] = x.T @ x
+
     def _add(self, name: str, **values: torch.Tensor) -> None:
-        slot = self.sums[name]
+        slot = self._sums[name]
         for key, value in values.items():
             slot[key] = slot[key] + value if key in slot else value.clone()
 

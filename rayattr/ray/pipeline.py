@@ -118,7 +118,7 @@ class GradientWorker:
         for part, part_docs in self._parts(batch):
             rows = self.engine.rows(part_docs)
             if self.preprocess is not None:
-                rows.grads = self.preprocess(torch.from_numpy(rows.grads)).numpy()
+                rows.encode(self.table.codec, self.preprocess(torch.from_numpy(rows.grads)).numpy())
             self.table.append(rows.to_arrow())
             self.appended = True
             written[part] = np.isin(part_docs.ids, rows.ids)

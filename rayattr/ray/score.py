@@ -20,6 +20,7 @@ import pyarrow as pa
 import ray
 import torch
 
+from rayattr.codec import RowCodec, vectors_of
 from rayattr.config import RayattrError, RunSpec, stable_hash
 from rayattr.data import TokenizedDocs
 from rayattr.grads.engine import GradientEngine, engine_for
@@ -31,7 +32,7 @@ from rayattr.score import Aggregation, QueryPreprocess, aggregate
 from rayattr.space import TableMeta
 from rayattr.store import (
     GRADIENTS, META_KEY, Completion, SCORES, TOKEN_SCORES, TOPK, GradientTable, ScoreMeta, ScoreTable, connect,
-    table_exists, vectors_of,
+    table_exists,
 )
 from rayattr.topk import TopK
 
@@ -71,8 +72,8 @@ def _write_aggregate(run_path: str, examples: GradientTable, aggregation: Aggreg
     total = np.zeros(examples.meta.dim, np.float64)
     count = tokens = 0
     loss = 0.0
-    for batch in examples.iter_batches(["grad", "num_tokens", "loss"]):
-        total += vectors_of(batch.column("grad"), examples.meta.dim).sum(0, dtype=np.float64)
+    for batch in examples.iter_batches([*examples.codec.columns, "num_tokens", "loss"]):
+        total += examples.codec.decode(batch).sum(0, dtype=np.float64)
         count += batch.num_rows
         tokens += int(batch.column("num_tokens").to_numpy().sum())
         loss += float(batch.column("loss").to_numpy().sum(dtype=np.float64))
@@ -83,7 +84,7 @@ def _write_aggregate(run_path: str, examples: GradientTable, aggregation: Aggreg
     aggregated.append(pa.table({
         "id": pa.array([0], pa.int64()), "num_tokens": pa.array([tokens], pa.int32()),
         "loss": pa.array([loss / count if aggregation == "mean" else loss], pa.float32()),
-        "grad": pa.FixedSizeListArray.from_arrays(pa.array(row.astype(np.float32)), examples.meta.dim),
+        **aggregated.codec.encode(row[None].astype(np.float32))[1],
     }))
 
 
@@ -95,11 +96,13 @@ class ScoringWorker:
     """
 
     def __init__(self, run_path: str, threads: int, queries, settings: ScoreSettings, spec: RunSpec | None = None,
-                 loaded: tuple[GradientEngine, TableMeta] | None = None) -> None:
-        """``loaded``: an engine the caller built (a ZeRO-3 worker's), instead of a replica from ``spec``."""
+                 loaded: tuple[GradientEngine, TableMeta] | None = None, index: RowCodec | None = None) -> None:
+        """``loaded``: an engine the caller built (a ZeRO-3 worker's), instead of a replica from ``spec``;
+        ``index``: how the rows of the scored table are stored (without ``spec``)."""
         torch.set_num_threads(threads)
         queries = ray.get(queries) if isinstance(queries, ray.ObjectRef) else queries
         self.scorer = queries.scorer(settings)
+        self.index = index
         self.engine = self.gradients = None
         if spec is not None:
             self.engine, meta = loaded or engine_for(spec)
@@ -117,8 +120,7 @@ class ScoringWorker:
         if self.engine is None:
             ids = batch.column("id").to_numpy()
             num_tokens = batch.column("num_tokens").to_numpy()
-            grads = batch.column("grad")
-            scores = self.scorer.score(torch.from_numpy(vectors_of(grads, grads.type.list_size).copy()))
+            scores = self.scorer.score(torch.from_numpy(self.index.decode(batch).copy()))
             self.scores.append(_score_rows(ids, num_tokens, scores))
             return summary_rows(ids, batch.column("num_tokens"), np.ones(len(ids), bool))
         docs = TokenizedDocs.from_arrow(batch)
@@ -210,7 +212,7 @@ def score(
     elif dataset is not None:
         pool = replicas(workers)
         job = Job(ScoringWorker, {"run_path": run_path, "threads": pool.resources.threads, "queries": ray.put(queries),
-                                  "settings": settings, "spec": spec})
+                                  "settings": settings, "spec": spec, "index": None if spec is not None else index.codec})
         drain(pool.map(job, dataset, docs_per_write if spec is not None else INDEX_ROWS_PER_BATCH), progress, on_progress)
     for name in outputs:
         if not table_exists(run_path, name):  # kept gradients: no worker started
@@ -251,7 +253,7 @@ def _index_stream(run_path: str, index: GradientTable, table: ScoreTable, meta: 
         connect(run_path).drop_table(SCORES)
         ScoreTable.create(run_path, meta, SCORES)
     progress.total_docs = total
-    return ray.data.read_lance(index.lance_uri, columns=["id", "num_tokens", "grad"], num_cpus=TOKENIZE_CPUS)
+    return ray.data.read_lance(index.lance_uri, columns=["id", "num_tokens", *index.codec.columns], num_cpus=TOKENIZE_CPUS)
 
 
 def _block_topk(batch: pa.Table, k: int) -> pa.Table:
