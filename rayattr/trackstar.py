@@ -27,6 +27,8 @@ from rayattr.hessian.factors import TARGET_DOWNWEIGHT_COMPONENTS
 from rayattr.hessian.mixing import mix_stats
 from rayattr.model import load_model
 from rayattr.ray.entry import fit, score
+from rayattr.ray.pipeline import ensure_ray
+from rayattr.ray.reduce import eigh_all
 from rayattr.ray.score import ScoreSettings, reduce
 
 NormalizerChoice = Literal["auto", "adafactor", "adam", "none"]
@@ -152,13 +154,21 @@ def trackstar(spec: TrackstarSpec, *, resume: bool = False, ray_address: str | N
     index_stats, query_stats = storage.join(root, "index_stats"), storage.join(root, "query_stats")
     steps.run("index_stats", lambda: _summary(fit(index_stats, RunSpec(spec.model, sample, grads), "second-moment", **common)))
     hessian = index_stats
+    # The query set is small: its rows stay float32 whatever the training rows are stored in (same space).
+    query_grads = dataclasses.replace(grads, dtype="float32")
     if spec.mix:
-        steps.run("query_stats", lambda: _summary(fit(query_stats, RunSpec(spec.model, spec.query, grads), "second-moment", **common)))
+        steps.run("query_stats", lambda: _summary(fit(query_stats, RunSpec(spec.model, spec.query, query_grads),
+                                                      "second-moment", **common)))
         hessian = storage.join(root, "mixed")
-        steps.run("mixed", lambda: dict(zip(("lambda", "k"), mix_stats(query_stats, index_stats, hessian,
-                                                                          spec.target_downweight_components))))
+
+        def mix_on_ray() -> dict[str, Any]:
+            ensure_ray(ray_address)  # a resumed run may reach this step first
+            lam, k = mix_stats(query_stats, index_stats, hessian, spec.target_downweight_components, eigh_all)
+            return {"lambda": lam, "k": k}
+
+        steps.run("mixed", mix_on_ray)
     query_path = storage.join(root, "query")
-    steps.run("query", lambda: _progress(reduce(query_path, RunSpec(spec.model, spec.query, grads), aggregation="none",
+    steps.run("query", lambda: _progress(reduce(query_path, RunSpec(spec.model, spec.query, query_grads), aggregation="none",
                                                 unit_normalize=True, hessian=hessian, **common)))
     settings = ScoreSettings(unit_normalize=True, hessian=hessian, per_token=spec.per_token, top_k=spec.top_k,
                              query_batch_size=spec.query_batch_size, keep_gradients=spec.keep_gradients)

@@ -19,5 +19,5 @@ def test_partial_grads_keep_each_commands_own_defaults(tmp_path):
     trackstar = load_config(tmp_path / "trackstar.yaml")[1].grads
     build = load_config(tmp_path / "build.yaml")[1].spec.grads
     assert trackstar.seed == build.seed == 3
-    assert (trackstar.projection_dim, trackstar.dtype) == (TRACKSTAR_GRADS.projection_dim, TRACKSTAR_GRADS.dtype) == (22, "float16")
+    assert (trackstar.projection_dim, trackstar.dtype) == (TRACKSTAR_GRADS.projection_dim, TRACKSTAR_GRADS.dtype) == (45, "int4")
     assert (build.projection_dim, build.dtype) == (GradSpec().projection_dim, GradSpec().dtype) == (16, "float32")

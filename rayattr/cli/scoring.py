@@ -14,7 +14,7 @@ from rayattr.cli.options import (AggregationKind, BaseModelOpt, CompletionColumn
                                  SplitAttentionOpt, ConversationColumnOpt, DatasetOpt, ExcludeOpt,
                                  HessianPathOpt, IncludeBiasOpt, PromptColumnOpt, RewardColumnOpt, SkipNanRewardsOpt,
                                  KeepGradientsOpt, LossReduction, LossReductionOpt, MaxLengthOpt, ModelOpt, ModulesOpt,
-                                 PerTokenScoresOpt, Precision, PrecisionOpt, ProjectionDimOpt, QueryBatchOpt,
+                                 PerTokenScoresOpt, Precision, PrecisionOpt, ProjectionDimOpt, QueryBatchOpt, RowOrthonormalOpt,
                                  RayAddressOpt, RunPathArg, SaveConfigOpt, ScoreKind, SeedOpt, SplitOpt, TextColumnOpt,
                                  TokenBatchOpt, TopKOpt, TrackstarNormalizer, TruncationOpt, UnitNormalizeOpt,
                                  WorkersOpt, ZeroStageOpt, run_spec, saved, streams_dataset, user_errors)
@@ -112,6 +112,7 @@ def trackstar_command(
     max_length: MaxLengthOpt = None,
     truncation: TruncationOpt = False,
     projection_dim: ProjectionDimOpt = TRACKSTAR_GRADS.projection_dim,
+    row_orthonormal: RowOrthonormalOpt = TRACKSTAR_GRADS.row_orthonormal,
     dtype: DtypeOpt = VectorDtype(TRACKSTAR_GRADS.dtype),
     seed: SeedOpt = 0,
     include_bias: IncludeBiasOpt = False,
@@ -144,7 +145,8 @@ def trackstar_command(
     base = run_spec(model, dataset, split, text_column=text_column, prompt_column=prompt_column,
                      completion_column=completion_column, conversation_column=conversation_column,
                      reward_column=reward_column, skip_nan_rewards=skip_nan_rewards,
-                     max_length=max_length, truncation=truncation, precision=precision, projection_dim=projection_dim, dtype=dtype, seed=seed,
+                     max_length=max_length, truncation=truncation, precision=precision, projection_dim=projection_dim,
+                     row_orthonormal=row_orthonormal, dtype=dtype, seed=seed,
                      include_bias=include_bias, loss_reduction=loss_reduction, loss_fn=loss_fn, modules=modules,
                      exclude_modules=exclude_modules, split_attention=split_attention, num_heads=num_heads,
                      token_batch_size=token_batch_size, base_model=base_model)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -52,6 +53,14 @@ class Eigen:
 
     values: torch.Tensor  # [d], ascending, clamped >= 0
     vectors: torch.Tensor  # [d, d], columns are eigenvectors
+
+
+Eigh = Callable[[dict[str, torch.Tensor]], dict[str, Eigen]]  # many symmetric matrices -> eigendecompositions
+
+
+def eigh_each(matrices: dict[str, torch.Tensor]) -> dict[str, Eigen]:
+    """``eigh_psd`` of each matrix in turn, in this process (the Ray layer has a parallel ``Eigh``)."""
+    return {name: eigh_psd(matrix) for name, matrix in matrices.items()}
 
 
 def eigh_psd(matrix: torch.Tensor) -> Eigen:

@@ -17,11 +17,10 @@ import torch
 from rayattr.config import RayattrError, RunSpec, stable_hash
 from rayattr.grads.engine import GradientEngine
 from rayattr.grads.normalizer import Normalizer, NormalizerKind
-from rayattr.hessian.factors import Eigen, InversionMode, inverse_multiplier, kfac_grid, save_stats
+from rayattr.hessian.factors import Eigen, Eigh, InversionMode, inverse_multiplier, kfac_grid, save_stats
 from rayattr.hessian.stats import RowAccumulator, Sums, TokenAccumulator
 from rayattr.space import TableMeta, space_of
 
-Eigh = Callable[[dict[str, torch.Tensor]], dict[str, Eigen]]  # many symmetric matrices -> eigendecompositions
 RunPass = Callable[[str, Sums | None], tuple[Sums, TableMeta]]  # (pass kind, eigenbases) -> reduced sums, meta
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from rayattr.config import RayattrError, stable_hash
-from rayattr.hessian.factors import TARGET_DOWNWEIGHT_COMPONENTS, eigh_psd, load_stats, mix, mixing_lambda, save_stats
+from rayattr.hessian.factors import (
+    TARGET_DOWNWEIGHT_COMPONENTS, Eigh, eigh_each, load_stats, mix, mixing_lambda, save_stats,
+)
 from rayattr.space import require_same_space, space_of
 
-def mix_stats(query_dir: str, index_dir: str, out_dir: str, target_downweight_components: int = TARGET_DOWNWEIGHT_COMPONENTS) -> tuple[float, int]:
+def mix_stats(query_dir: str, index_dir: str, out_dir: str, target_downweight_components: int = TARGET_DOWNWEIGHT_COMPONENTS,
+              eigh: Eigh = eigh_each) -> tuple[float, int]:
     """Write ``lam * H_query + (1 - lam) * H_index`` per module (with its eigendecomposition) to ``out_dir``."""
     query, query_manifest = load_stats(query_dir)
     index, index_manifest = load_stats(index_dir)
@@ -20,11 +23,9 @@ def mix_stats(query_dir: str, index_dir: str, out_dir: str, target_downweight_co
         [query[name]["eigenvalues"] for name in sorted(query)],
         target_downweight_components,
     )
-    tensors = {}
-    for name in index:
-        matrix = mix(query[name]["second_moment"], index[name]["second_moment"], lam)
-        eigen = eigh_psd(matrix)
-        tensors[name] = {"second_moment": matrix, "eigenvalues": eigen.values, "eigenvectors": eigen.vectors}
+    matrices = {name: mix(query[name]["second_moment"], index[name]["second_moment"], lam) for name in index}
+    tensors = {name: {"second_moment": matrices[name], "eigenvalues": eigen.values, "eigenvectors": eigen.vectors}
+               for name, eigen in eigh(matrices).items()}
     identity = space_of(index_manifest)
     manifest = {
         "method": "second-moment", **identity,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,9 +79,11 @@ class PartialWriter:
         """Record that the running sums now include these documents."""
         self.ids.append(ids)
 
-    def maybe_save(self, sums: Sums, force: bool = False) -> None:
+    def maybe_save(self, current: Callable[[], Sums], force: bool = False) -> None:
+        """Save ``current()`` when a checkpoint is due (or ``force``); the sums are only asked for then."""
         if not self.ids or (not force and time.monotonic() - self.last < self.every_seconds):
             return
+        sums = current()
         if any(not tensors for tensors in sums.values()):
             return  # no document with a loss token yet: nothing worth keeping
         flat = {f"{module}{SEPARATOR}{key}": t.contiguous() for module, tensors in sums.items() for key, t in tensors.items()}

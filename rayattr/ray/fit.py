@@ -66,14 +66,14 @@ class StatsWorker:
         started = time.perf_counter()
         stats(docs)
         checkpoints.covered(docs.ids)
-        checkpoints.maybe_save(stats.accumulator.sums)
+        checkpoints.maybe_save(lambda: stats.accumulator.sums)
         self.busy_seconds += time.perf_counter() - started
         return len(docs.ids)
 
     def finish(self) -> Sums:
         """The pass's partial sums, checkpointed a last time."""
         stats, checkpoints = self._current()
-        checkpoints.maybe_save(stats.accumulator.sums, force=True)
+        checkpoints.maybe_save(lambda: stats.accumulator.sums, force=True)
         self.stats = self.checkpoints = None
         return stats.close()
 
