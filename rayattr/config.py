@@ -184,7 +184,7 @@ class GradSpec:
     normalizer: str | None = None  # directory written by `rayattr normalizer`
     proj_rank_total: int | None = None  # per-module budget p_out * p_in <= this; None: p x p
     proj_rank_min: int = 1  # smallest p_out and p_in the allocation gives a module
-    row_orthonormal: bool = False  # Kronecker factors with orthogonal rows (QR of the draw)
+    row_orthonormal: bool = False  # Kronecker factors with orthogonal rows (QR of the draw); none at projection 0
     include_bias: bool = False  # biased modules' gradients gain the bias column: [G | g_b], in_features + 1
     loss_reduction: LossReduction = "sum"  # "mean": each document's loss divided by its label-token count
     loss_fn: LossFn = "ce"  # "kl": KL(adapted || base) per label token; needs a PEFT adapter model
@@ -230,7 +230,10 @@ class GradSpec:
         object.__setattr__(self, "split_attention", tuple(self.split_attention))
 
     def _check_kronecker_options(self) -> None:
-        """Rank allocation and orthonormal rows shape Kronecker factors; refuse them elsewhere."""
+        """Rank allocation and orthonormal rows shape Kronecker factors; refuse them elsewhere. Without any
+        projection there are no factors, and orthonormal rows (a TrackStar default) have no effect."""
+        if not self.projection_dim:
+            object.__setattr__(self, "row_orthonormal", False)
         asked = [flag for flag, on in (("--proj-rank-total", self.proj_rank_total is not None),
                                        ("--row-orthonormal", self.row_orthonormal)) if on]
         if asked and (self.sketched or not self.projection_dim):

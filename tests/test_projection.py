@@ -236,8 +236,10 @@ def test_rank_options_are_validated():
     for bad in ({"projection_type": "affd"}, {"projection_dim": 0}):
         with pytest.raises(RayattrError, match="Kronecker projections"):
             GradSpec(proj_rank_total=64, **bad)
-        with pytest.raises(RayattrError, match="Kronecker projections"):
-            GradSpec(row_orthonormal=True, **bad)
+    with pytest.raises(RayattrError, match="Kronecker projections"):
+        GradSpec(row_orthonormal=True, projection_type="affd")
+    # Without a projection there are no factors to orthonormalise: the same spec as without the option.
+    assert GradSpec(row_orthonormal=True, projection_dim=0) == GradSpec(projection_dim=0)
 
 
 def test_defaults_and_aliases_keep_fingerprints():
@@ -261,8 +263,10 @@ def test_row_orthonormal_factors(kind):
     # It spans the same rows as the plain draw of that seed (QR of that draw).
     plain = random_matrix(rows, cols, kind, seed=3).double()
     torch.testing.assert_close(plain @ torch.linalg.pinv(matrix) @ matrix, plain, rtol=0, atol=1e-5)
-    with pytest.raises(RayattrError, match="orthonormal rows"):
-        random_matrix(cols, rows, kind, seed=3, row_orthonormal=True)
+    # More rows than columns: orthonormal columns instead, an exact isometry.
+    tall = random_matrix(cols, rows, kind, seed=3, row_orthonormal=True).double()
+    assert tall.shape == (cols, rows)
+    torch.testing.assert_close(tall.T @ tall, torch.eye(rows, dtype=torch.float64), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)

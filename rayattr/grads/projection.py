@@ -35,7 +35,9 @@ def stable_seed(module_name: str, role: str, seed: int) -> int:
 
 
 def random_matrix(rows: int, cols: int, kind: KroneckerType, seed: int, row_orthonormal: bool = False) -> torch.Tensor:
-    """A float32 ``[rows, cols]`` matrix with iid entries of variance ``1/rows`` (or its orthonormalised rows)."""
+    """A float32 ``[rows, cols]`` matrix with iid entries of variance ``1/rows``, or with ``row_orthonormal`` the
+    draw orthonormalised: its rows scaled to keep ``E[M^T M] = I`` when ``rows <= cols``, else its columns (an
+    isometry, ``M^T M = I``: more rows than the side has cannot be orthogonal)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     if kind == "rademacher":
         signs = torch.randint(0, 2, (rows, cols), generator=generator, dtype=torch.int8)
@@ -47,7 +49,8 @@ def random_matrix(rows: int, cols: int, kind: KroneckerType, seed: int, row_orth
     if not row_orthonormal:
         return matrix.div_(rows**0.5)
     if rows > cols:
-        raise RayattrError(f"cannot make {rows} orthonormal rows of length {cols}; lower the projection size")
+        q, r = torch.linalg.qr(matrix.double())  # q [rows, cols]: orthonormal columns
+        return (q * torch.sign(torch.diagonal(r))).float()
     q, r = torch.linalg.qr(matrix.double().T)  # q [cols, rows]: orthonormal columns spanning the draw's rows
     q = q * torch.sign(torch.diagonal(r))  # fix QR's sign ambiguity so the result is a function of the draw
     return (q.T * (cols / rows) ** 0.5).float()
