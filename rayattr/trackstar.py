@@ -146,7 +146,8 @@ def trackstar(spec: TrackstarSpec, *, resume: bool = False, ray_address: str | N
                 model = load_model(dataclasses.replace(spec.model, device="cpu"))
                 from_optimizer_state(spec.optimizer_state, model, spec.normalizer, grads.include_bias).save(out)
                 return {"source": spec.optimizer_state}
-            full = RunSpec(spec.model, sample, dataclasses.replace(grads, projection_dim=0))
+            # moments of full gradients; the fit stores no rows, so no row dtype applies
+            full = RunSpec(spec.model, sample, dataclasses.replace(grads, projection_dim=0, dtype="float32"))
             return _summary(fit(out, full, "normalizer", normalizer_kind=spec.normalizer, **common))
 
         steps.run("normalizer", make_normalizer)

@@ -98,6 +98,21 @@ def test_kept_gradients_equal_a_build_with_the_runs_normalizer(run, offline_fixt
     assert moved.max() <= 1 + 1e-4 and (moved > 1e-4).mean() < 1e-3
 
 
+def test_normalizer_fitted_from_data_at_the_default_row_dtype(offline_fixture, ray_session, tmp_path):
+    """Without an optimizer state, --normalizer adafactor fits one from full gradients, whatever the rows are stored in."""
+    model = train_fixture_model(offline_fixture)
+    path = str(tmp_path / "run")
+    result = runner.invoke(app, [
+        "trackstar", path, "--model", str(model), "--dataset", str(offline_fixture.train), "--split", "train[:12]",
+        "--query-dataset", str(offline_fixture.queries), "--query-split", "train[:3]", "--query-prompt-column", "prompt",
+        "--query-completion-column", "completion", "--normalizer", "adafactor", "--projection-dim", "8",
+    ])
+    assert result.exit_code == 0, result.output
+    spec = load_config(Path(path) / "trackstar.yaml")[1]
+    assert spec.grads.dtype == "int4" and (Path(path) / "steps" / "normalizer.json").exists()
+    assert len(read_topk(path)[1]) == 3
+
+
 def test_analysis_example_reads_the_run_without_rayattr(run, offline_fixture):
     script = Path(__file__).parents[1] / "examples" / "analysis.py"
     assert not re.search(r"^\s*(from|import) rayattr", script.read_text(), re.MULTILINE)
