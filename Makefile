@@ -36,10 +36,11 @@ bench: $(STAMP)
 	$(BENCH) benchmarks/feature_cost.py --size small
 	$(PY) benchmarks/report.py
 
-# rayattr next to Bergson and kronfluence (~19 min on 2 cores); their venvs are made once under ~/.cache/rayattr/peers.
+# rayattr next to Bergson and kronfluence (~40 min on 2 cores); their venvs are made once under ~/.cache/rayattr/peers.
 bench-peers: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(BENCH) benchmarks/peers.py --size small --torch "$(TORCH)"
+	$(BENCH) benchmarks/peer_fidelity.py --skip-install
 	$(BENCH) benchmarks/same_job.py --size small --skip-install
 	$(PY) benchmarks/report.py
 

@@ -70,11 +70,12 @@ def exact_gradients(model_dir: Path, docs: list[TokenizedDocs]) -> tuple[list[np
 
 
 def kronecker(rows: torch.Tensor, layouts: list[ModuleLayout], sizes: dict[str, tuple[int, int]],
-              seed: int = 0) -> torch.Tensor:
+              seed: int = 0, kind: str = "rademacher", row_orthonormal: bool = False) -> torch.Tensor:
     """``L G R^T`` per module of full rows, concatenated (what the engine's hooks compute)."""
     parts = []
     for lay in layouts:
-        proj = module_projection(lay.name, lay.out_features, lay.in_features, sizes[lay.name], "rademacher", seed)
+        proj = module_projection(lay.name, lay.out_features, lay.in_features, sizes[lay.name], kind, seed,
+                                 row_orthonormal)
         block = rows[:, lay.offset : lay.offset + lay.width].view(-1, lay.out_features, lay.in_features)
         parts.append((proj.left @ block @ proj.right.T).flatten(1))
     return torch.cat(parts, 1)

@@ -5,19 +5,20 @@ subprocesses (the peers in their own virtual environments under the
 benchmark cache, made on first use and reused after), on the fine-tuned
 fixture GPT-NeoX and every query x training document of a fixture variant:
 
-* TrackStar, projection 16, each tool at its defaults: ``rayattr trackstar``
-  (Adafactor normalizer fitted from the data, every Linear including the
-  output head, cosine with the mixed ``H^-1/2`` on both sides) and
-  ``bergson trackstar`` (no normalizer without an optimizer state, output
-  head skipped, inner product with the mixed ``H^-1`` on the query);
+* TrackStar, each tool at its defaults: ``rayattr trackstar`` (projection 45
+  per side with 4-bit rows, no normalizer without an optimizer state, every
+  Linear including the output head, crossing rank 100, cosine with the mixed
+  ``H^-1/2`` on both sides) and ``bergson trackstar`` (projection 16, float32
+  rows, output head skipped, crossing rank 1000, inner product with the mixed
+  ``H^-1`` on the query);
 * ``full`` only: the same with the conventions made equal (no normalizer, no
   output head, cosine), plus rayattr with another projection seed, whose
   correlation with seed 0 is what random projection alone leaves;
 * TrackStar at projection 0 on the ``attention.dense`` modules (a dense
-  4,096 x 4,096 second moment each), no normalizer, cosine: ``rayattr
-  trackstar --projection-dim 0``, and Bergson's steps run one by one (its
-  trackstar refuses projection 0): hessian of train and of queries, mix,
-  query build, score;
+  4,096 x 4,096 second moment each), no normalizer, cosine, Bergson's
+  crossing rank: ``rayattr trackstar --projection-dim 0``, and Bergson's steps
+  run one by one (its trackstar refuses projection 0): hessian of train and of
+  queries, mix, query build, score;
 * EK-FAC influence at projection 0 without the output head, ``g_q^T H^-1
   g_train``, damping 0.1 x each module's mean eigenvalue: ``rayattr hessian
   --method ekfac`` then ``rayattr score --hessian-path``, and kronfluence
@@ -27,7 +28,8 @@ Rows give fact-tracing quality of each full score matrix (recall@1,
 recall@10, MRR), the correlation of a job's matrix with rayattr's for the same
 method (Pearson and Spearman over all query x document pairs, and the mean
 per-query Pearson), and each job's wall time, start-up included. CPU only;
-``small`` takes ~16 min on 2 cores, ``full`` ~20.
+``small`` takes ~22 min on 2 cores. ``peer_fidelity.py`` compares the stored
+rows themselves.
 
     PYTHONPATH=benchmarks:. python benchmarks/peers.py [--size small|full] [--variants easy hard]
         [--skip-install] [--workers 1] [--workdir DIR]
@@ -52,7 +54,9 @@ from rich.table import Table
 from common import write_results
 from peer_tools import PEERS, bergson_inputs, bergson_scores, ensure_venv, peer_env, run_steps
 from rayattr.fixtures import Fixture, default_cache_dir, fact_tracing_quality, make_fixture, train_fixture_model
-from rayattr.store import SCORES, ScoreTable, vectors_of
+from rayattr.codec import vectors_of
+from rayattr.config import TRACKSTAR_GRADS
+from rayattr.store import SCORES, ScoreTable
 
 METRICS = ("recall@1", "recall@10", "mrr")
 CORRELATIONS = ("pearson", "spearman", "query_pearson")
@@ -60,6 +64,7 @@ DENSE = "*attention.dense"  # the modules of the projection-0 TrackStar job
 # GPT-NeoX's output head: ``lm_head`` since transformers 5, ``embed_out`` before
 HEAD = ["--exclude-modules", "lm_head", "--exclude-modules", "embed_out"]
 BERGSON_SKIPS = "*query_key_value,*mlp*"  # Bergson names what to leave out; these leave the attention.dense modules
+BERGSON_CROSSING = 1000  # Bergson's target_downweight_components (rayattr's default is 100)
 
 
 @dataclass(frozen=True)
@@ -202,12 +207,14 @@ def methods(size: Size) -> dict[str, list[Job]]:
             lambda c: rayattr_trackstar(c, "trackstar-p16-seed1", "--normalizer", "none", "--seed", "1", *HEAD)),
     ]} if size.matched else {}
     return {
-        "TrackStar p=16, defaults": [Job("rayattr", lambda c: rayattr_trackstar(c, "trackstar-p16")),
-                                      Job("Bergson", lambda c: bergson_trackstar(c, "bergson-p16"))],
+        f"TrackStar, defaults (rayattr p={TRACKSTAR_GRADS.projection_dim} {TRACKSTAR_GRADS.dtype}, Bergson p=16)": [
+            Job("rayattr", lambda c: rayattr_trackstar(c, "trackstar-default")),
+            Job("Bergson", lambda c: bergson_trackstar(c, "bergson-p16"))],
         **matched,
         "TrackStar p=0, attention.dense, no normalizer": [
-            Job("rayattr", lambda c: rayattr_trackstar(c, "trackstar-p0", "--projection-dim", "0",
-                                                       "--normalizer", "none", "--modules", DENSE)),
+            Job("rayattr", lambda c: rayattr_trackstar(c, "trackstar-p0", "--projection-dim", "0", "--dtype", "float32",
+                                                       "--normalizer", "none", "--modules", DENSE,
+                                                       "--target-downweight-components", str(BERGSON_CROSSING))),
             Job("Bergson, steps by hand", bergson_trackstar_p0)],
         "EK-FAC influence p=0, no head": [
             Job("rayattr", rayattr_ekfac),
@@ -233,10 +240,23 @@ def correlations(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
             "query_pearson": float(per_query.mean())}
 
 
-def run_variant(variant: str, size: Size, root: Path, workers: int, venvs: dict[str, Path]) -> list[dict]:
+def variant_context(variant: str, root: Path, workers: int, venvs: dict[str, Path]) -> Context:
+    """A fixture variant (made and fine-tuned on first use) and where its jobs write."""
     fixture = make_fixture(default_cache_dir(), variant=variant)
-    ctx = Context(fixture, train_fixture_model(fixture), root / variant, pq.read_metadata(fixture.queries).num_rows,
-                  pq.read_metadata(fixture.train).num_rows, workers, venvs)
+    return Context(fixture, train_fixture_model(fixture), root / variant, pq.read_metadata(fixture.queries).num_rows,
+                   pq.read_metadata(fixture.train).num_rows, workers, venvs)
+
+
+def peer_venvs(args: argparse.Namespace) -> dict[str, Path]:
+    """Each peer's environment under the benchmark cache (made unless ``--skip-install``)."""
+    root = default_cache_dir().parent / "peers"
+    return {name: ensure_venv(peer, root, args.torch, not args.skip_install) for name, peer in PEERS.items()}
+
+
+def run_variant(variant: str, size: Size, root: Path, workers: int, venvs: dict[str, Path]) -> list[dict]:
+    """Every method's jobs on one fixture variant."""
+    ctx = variant_context(variant, root, workers, venvs)
+    fixture = ctx.fixture
     ids = np.arange(ctx.num_queries)
     rows = []
     for method, jobs in methods(size).items():
@@ -278,8 +298,7 @@ def main() -> None:
         raise SystemExit(f"{args.workdir} is not empty: the tools refuse to write over earlier runs")
     started = time.perf_counter()
     size = SIZES[args.size]
-    peer_root = default_cache_dir().parent / "peers"
-    venvs = {name: ensure_venv(peer, peer_root, args.torch, not args.skip_install) for name, peer in PEERS.items()}
+    venvs = peer_venvs(args)
     with tempfile.TemporaryDirectory(prefix="peers-") as tmp:
         root = Path(args.workdir or tmp)
         rows = [row for variant in args.variants or size.variants

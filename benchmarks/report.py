@@ -22,6 +22,7 @@ SECTIONS = {  # results file stem: what it measures
     "query": "LanceDB query latency (`benchmarks/query.py`)",
     "scaling": "Build scaling over workers on a 2-node cluster (`benchmarks/scaling.py`)",
     "peers": "Side by side with Bergson and kronfluence (`benchmarks/peers.py`)",
+    "peer_fidelity": "Stored rows against exact gradients, beside Bergson's index (`benchmarks/peer_fidelity.py`)",
     "same_job": "`rayattr build` against `bergson build` on the same job (`benchmarks/same_job.py`)",
     "feature_cost": "What each loss and view costs against a plain build (`benchmarks/feature_cost.py`)",
     "trackstar_storage_hard": "TrackStar recall against the bytes stored per example (`benchmarks/trackstar_storage.py`)",

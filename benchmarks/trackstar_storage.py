@@ -4,20 +4,25 @@ Exact per-example gradients of every Linear module of the fine-tuned fixture
 GPT-NeoX (queries: prompt + completion, loss on the completion; training
 documents: summed loss) are computed once; each point then projects them
 (Kronecker ``L G R^T`` with p x p per module, or one AFFD sketch of the
-concatenated gradient), rounds the rows to the stored dtype, and runs
-TrackStar exactly as ``rayattr trackstar`` does: second moments of the query
-and training rows per module (one block for a sketch), lambda where the pooled
-spectra cross at rank ``--target`` (``mixing_lambda``), damping 0.1 x each
-module's mean eigenvalue, ``H_mix^-1/2`` on both sides, cosine. The
+concatenated gradient), stores the training rows in the point's dtype
+(``rayattr.codec``: float32, float16 or int4 codes; queries stay float32, as
+``rayattr trackstar`` keeps them), and runs TrackStar exactly as ``rayattr
+trackstar`` does: second moments of the query and training rows per module
+(one block for a sketch), lambda where the pooled spectra cross at rank 100
+(``mixing_lambda``), damping 0.1 x each module's mean eigenvalue,
+``H_mix^-1/2`` on both sides, cosine. The default projection (``rayattr
+trackstar``'s) runs beside the others; ``--sweep`` also runs it with one
+setting changed at a time (crossing rank, damping, the index sample, Gaussian
+factors, a rank budget). The
 full-gradient reference applies the same damped ``H_mix^-1/2`` in the full
 space (each module's mixed moment has rank at most queries + documents, so it
 is inverted through the Gram matrix of its rows; the mean eigenvalue counts
 the zero ones, as ``inverse_multiplier`` does). "whiten, then project" applies
 that exact full-space ``H_mix^-1/2`` first and projects afterwards.
 
-    PYTHONPATH=benchmarks:. python benchmarks/trackstar_storage.py [--variant hard] [--seeds 0 1 2]
+    PYTHONPATH=benchmarks:. python benchmarks/trackstar_storage.py [--variant hard] [--seeds 0 1 2] [--sweep]
 
-Writes results/trackstar_storage_VARIANT.json (about 10 minutes on 2 cores, most of it the full-gradient reference).
+Writes results/trackstar_storage_VARIANT.json.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -33,14 +39,20 @@ from rich.table import Table
 
 from common import tokenized_corpus, write_results
 from fidelity import exact_gradients, kronecker, query_docs
+from rayattr.codec import RowCodec
+from rayattr.config import TRACKSTAR_GRADS
+from rayattr.grads.allocation import allocate_ranks
 from rayattr.fixtures import default_cache_dir, fact_tracing_quality, make_fixture, train_fixture_model
 from rayattr.grads.sketch import make_sketch
-from rayattr.hessian.factors import apply_dense, eigh_psd, inverse_multiplier, mix, mixing_lambda
+from rayattr.hessian.factors import (
+    TARGET_DOWNWEIGHT_COMPONENTS, apply_dense, eigh_psd, inverse_multiplier, mix, mixing_lambda,
+)
 
 METRICS = ("recall@1", "recall@10", "mrr")
 DAMPING = 0.1
-BYTES = {"float32": 4, "float16": 2}
 Blocks = list[tuple[int, int]]
+KRONECKER_POINTS = ((8, "float32"), (16, "float32"), (16, "float16"), (22, "float16"), (32, "float16"), (45, "int4"),
+                    (48, "float16"))
 
 
 def second_moment_values(rows: torch.Tensor) -> torch.Tensor:
@@ -50,17 +62,27 @@ def second_moment_values(rows: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(small / x.shape[0]).clamp_min(0.0)
 
 
+@dataclass(frozen=True)
+class Setting:
+    """What TrackStar's operator depends on besides the rows: ``rayattr trackstar``'s defaults."""
+
+    target: int = TARGET_DOWNWEIGHT_COMPONENTS  # --target-downweight-components
+    damping: float = DAMPING  # times each module's mean eigenvalue
+    sample: int | None = None  # --stats-sample-size: the first training rows the index moment sees; None: all
+
+
 def crossing_lambda(queries: torch.Tensor, train: torch.Tensor, blocks: Blocks, target: int) -> float:
     lam, _ = mixing_lambda([second_moment_values(train[:, a:b]) for a, b in blocks],
                            [second_moment_values(queries[:, a:b]) for a, b in blocks], target)
     return lam
 
 
-def whiten_small(queries: torch.Tensor, train: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def whiten_small(queries: torch.Tensor, train: torch.Tensor, lam: float, setting: Setting = Setting()
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``H_mix^-1/2`` of one block small enough for its dense moment: rayattr's own operators."""
     moment = lambda x: x.double().T @ x.double() / x.shape[0]  # noqa: E731
-    eigen = eigh_psd(mix(moment(queries), moment(train), lam))
-    multiplier = inverse_multiplier(eigen.values, "damped_inverse", DAMPING, -0.5)
+    eigen = eigh_psd(mix(moment(queries), moment(train[: setting.sample]), lam))
+    multiplier = inverse_multiplier(eigen.values, "damped_inverse", setting.damping, -0.5)
     return apply_dense(queries.double(), eigen, multiplier), apply_dense(train.double(), eigen, multiplier)
 
 
@@ -77,9 +99,14 @@ def whiten_full(queries: torch.Tensor, train: torch.Tensor, lam: float) -> tuple
     return op(queries), op(train)
 
 
-def whitened(queries: torch.Tensor, train: torch.Tensor, blocks: Blocks, target: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    lam = crossing_lambda(queries, train, blocks, target)
-    parts = [(whiten_small if b - a <= 4096 else whiten_full)(queries[:, a:b], train[:, a:b], lam) for a, b in blocks]
+def whitened(queries: torch.Tensor, train: torch.Tensor, blocks: Blocks, setting: Setting = Setting()
+             ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Both sides through ``H_mix^-1/2``; blocks wider than 4,096 (full gradients) at the default setting only."""
+    lam = crossing_lambda(queries, train[: setting.sample], blocks, setting.target)
+    if any(b - a > 4096 for a, b in blocks) and setting != Setting():
+        raise ValueError("full-gradient blocks are whitened at the default setting only")
+    parts = [whiten_small(queries[:, a:b], train[:, a:b], lam, setting) if b - a <= 4096
+             else whiten_full(queries[:, a:b], train[:, a:b], lam) for a, b in blocks]
     return torch.cat([q for q, _ in parts], 1), torch.cat([t for _, t in parts], 1), lam
 
 
@@ -98,7 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=("easy", "hard"), default="hard")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--target", type=int, default=100, help="target_downweight_components (the default)")
+    parser.add_argument("--sweep", action="store_true", help="also vary each setting of the default, one at a time")
     args = parser.parse_args()
     torch.manual_seed(0)
     fixture = make_fixture(default_cache_dir(), variant=args.variant)
@@ -107,44 +134,70 @@ def main() -> None:
     (q_np, t_np), layouts = exact_gradients(train_fixture_model(fixture), docs)
     queries, train = torch.from_numpy(q_np), torch.from_numpy(t_np)
     print(f"exact gradients {tuple(train.shape)} in {time.perf_counter() - started:.0f} s", flush=True)
-    modules = [(lay.offset, lay.offset + lay.width) for lay in layouts]
     rows: list[dict] = []
 
-    def point(label: str, dims: int, dtype: str, seed: int | None, run: Callable[[], tuple[np.ndarray, float]]) -> None:
+    def point(label: str, codec: RowCodec, seed: int | None, run: Callable[[], tuple[np.ndarray, float]]) -> None:
         began = time.perf_counter()
         scores, lam = run()
-        rows.append({"method": label, "dims": dims, "dtype": dtype, "bytes": dims * BYTES[dtype], "seed": seed,
-                     "lambda": lam, "seconds": time.perf_counter() - began} | quality(fixture, scores))
+        rows.append({"method": label, "dims": codec.dim, "dtype": codec.dtype, "bytes": codec.bytes_per_row,
+                     "seed": seed, "lambda": lam, "seconds": time.perf_counter() - began} | quality(fixture, scores))
         print(rows[-1], flush=True)
 
-    def trackstar(q: torch.Tensor, t: torch.Tensor, blocks: Blocks) -> tuple[np.ndarray, float]:
-        wq, wt, lam = whitened(q, t, blocks, args.target)
+    def trackstar(q: torch.Tensor, t: torch.Tensor, blocks: Blocks, codec: RowCodec,
+                  setting: Setting = Setting()) -> tuple[np.ndarray, float]:
+        """TrackStar on float32 queries and training rows stored by ``codec``."""
+        stored = torch.from_numpy(codec.encode(t.float().numpy())[0]).float()
+        wq, wt, lam = whitened(q.float(), stored, blocks, setting)
         return cosine_scores(wq, wt), lam
 
-    def stored(x: torch.Tensor, dtype: str) -> torch.Tensor:
-        return x.to(getattr(torch, dtype)).float()
+    def kronecker_point(label: str, sizes: dict[str, tuple[int, int]], dtype: str, seed: int,
+                        settings: dict[str, Setting] | None = None, **projection) -> None:
+        """One projection of the exact gradients, scored at each setting (the default one when none given)."""
+        kq, kt = (kronecker(x, layouts, sizes, seed, **projection) for x in (queries, train))
+        widths = [sizes[lay.name][0] * sizes[lay.name][1] for lay in layouts]
+        blocks = [(a, a + w) for a, w in zip(np.cumsum([0] + widths[:-1]).tolist(), widths)]
+        codec = RowCodec(dtype, kq.shape[1], tuple(widths) if dtype == "int4" else ())
+        for name, setting in (settings or {"": Setting()}).items():
+            point(f"{label}{name}", codec, seed, lambda: trackstar(kq, kt, blocks, codec, setting))
 
-    wq, wt, lam = whitened(queries, train, modules, args.target)
-    point("full gradients", queries.shape[1], "float32", None, lambda: (cosine_scores(wq, wt), lam))
+    wq, wt, lam = whitened(queries, train, [(lay.offset, lay.offset + lay.width) for lay in layouts])
+    point("full gradients", RowCodec("float32", queries.shape[1]), None, lambda: (cosine_scores(wq, wt), lam))
+    square = lambda p: {lay.name: (p, p) for lay in layouts}  # noqa: E731
     for seed in args.seeds:
-        for p, dtype in ((8, "float32"), (16, "float32"), (16, "float16"), (22, "float16"), (32, "float16"),
-                         (48, "float16")):
-            kq, kt = (stored(kronecker(x, layouts, {lay.name: (p, p) for lay in layouts}, seed), dtype)
-                      for x in (queries, train))
-            blocks = [(i * p * p, (i + 1) * p * p) for i in range(len(layouts))]
-            point(f"Kronecker p={p}", kq.shape[1], dtype, seed, lambda: trackstar(kq, kt, blocks))
+        for p, dtype in KRONECKER_POINTS:
+            kronecker_point(f"Kronecker p={p}", square(p), dtype, seed)
+        default_point(kronecker_point, layouts, seed, args.sweep)
         for dims in (2304, 4608):
             sketch = make_sketch("affd", queries.shape[1], dims, seed)
-            sq, st = (stored(torch.cat([sketch(x[i : i + 256]) for i in range(0, len(x), 256)]), "float16")
-                      for x in (queries, train))
-            point(f"AFFD sketch D={dims}", dims, "float16", seed, lambda: trackstar(sq, st, [(0, dims)]))
+            sq, st = (torch.cat([sketch(x[i : i + 256]) for i in range(0, len(x), 256)]) for x in (queries, train))
+            codec = RowCodec("float16", dims)
+            point(f"AFFD sketch D={dims}", codec, seed, lambda: trackstar(sq, st, [(0, dims)], codec))
     for seed in args.seeds[:1]:
-        sizes = {lay.name: (16, 16) for lay in layouts}
-        point("whiten exactly, then Kronecker p=16", 2304, "float32", seed,
-              lambda: (cosine_scores(kronecker(wq.float(), layouts, sizes, seed),
-                                     kronecker(wt.float(), layouts, sizes, seed)), lam))
+        point("whiten exactly, then Kronecker p=16", RowCodec("float32", 2304), seed,
+              lambda: (cosine_scores(kronecker(wq.float(), layouts, square(16), seed),
+                                     kronecker(wt.float(), layouts, square(16), seed)), lam))
     write_results(f"trackstar_storage_{args.variant}", "small", {"variant": args.variant, "rows": rows},
                   [summary_table(rows, args.variant)])
+
+
+def default_point(kronecker_point: Callable, layouts, seed: int, sweep: bool) -> None:
+    """``rayattr trackstar``'s projection (``TRACKSTAR_GRADS``); with ``sweep``, also with one thing changed at a
+    time, at the same bytes or fewer (random rows instead of orthonormal ones are the curve's point of this p)."""
+    p, dtype = TRACKSTAR_GRADS.projection_dim, TRACKSTAR_GRADS.dtype
+    default = {"row_orthonormal": TRACKSTAR_GRADS.row_orthonormal, "kind": TRACKSTAR_GRADS.projection_type}
+    label = f"Kronecker p={p}{', orthonormal rows' if default['row_orthonormal'] else ''} (default)"
+    settings = {"": Setting()}
+    if sweep:
+        settings |= {f", target {t}": Setting(target=t) for t in (30, 300, 1000)}
+        settings |= {f", damping {d}": Setting(damping=d) for d in (0.03, 0.3)}
+        settings |= {f", index sample {n}": Setting(sample=n) for n in (500, 1000)}
+    square = {lay.name: (p, p) for lay in layouts}
+    kronecker_point(label, square, dtype, seed, settings, **default)
+    if sweep:
+        kronecker_point(f"{label}, Gaussian", square, dtype, seed, **(default | {"kind": "normal"}))
+        shapes = {lay.name: (lay.out_features, lay.in_features) for lay in layouts}
+        kronecker_point(f"{label}, rank budget {p * p} (p_out/p_in ~ sqrt(out/in))", allocate_ranks(shapes, p * p),
+                        dtype, seed, **default)
 
 
 def summary_table(rows: list[dict], variant: str) -> Table:

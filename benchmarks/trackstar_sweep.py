@@ -10,7 +10,7 @@ rank at most the number of queries, and a target above it saturates lambda at
 projection seeds: the spread is what the random projection alone moves.
 
     PYTHONPATH=benchmarks:. python benchmarks/trackstar_sweep.py [--variant hard] [--seeds 0 1 2]
-        [--targets 1000 300 100 30] [--normalizers adafactor none] [--projections 22:float16 16:float32]
+        [--targets 1000 300 100 30] [--normalizers adafactor none] [--projections 45:int4 16:float32]
         [--suffix _projection]
 
 Writes results/trackstar_sweep_VARIANT[SUFFIX].json.
@@ -30,6 +30,7 @@ from rich.table import Table
 
 from common import write_results
 from peers import METRICS, Context, rayattr_trackstar
+from rayattr.config import TRACKSTAR_GRADS
 from rayattr.fixtures import default_cache_dir, fact_tracing_quality, make_fixture, train_fixture_model
 
 
@@ -76,7 +77,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--targets", type=int, nargs="+", default=[1000, 300, 100, 30])
     parser.add_argument("--normalizers", nargs="+", default=["adafactor", "none"], choices=["adafactor", "none"])
-    parser.add_argument("--projections", nargs="+", default=["22:float16"],
+    parser.add_argument("--projections", nargs="+", default=[f"{TRACKSTAR_GRADS.projection_dim}:{TRACKSTAR_GRADS.dtype}"],
                         help="P:DTYPE pairs, --projection-dim and --dtype of each point (default: the trackstar default)")
     parser.add_argument("--suffix", default="", help="appended to the results file name, to keep earlier sweeps")
     args = parser.parse_args()
