@@ -19,6 +19,7 @@ import yaml
 from rayattr import storage
 from rayattr.config import RayattrError, RunSpec, from_dict, one_line_warnings
 from rayattr.configfile import COMMANDS, config_command
+from rayattr.hessian.methods import SecondMoment
 from rayattr.ray.entry import build, fit, score
 from rayattr.ray.score import ScoreSettings
 from rayattr.trackstar import trackstar
@@ -42,7 +43,7 @@ class HessianConfig:
 
     run_path: str
     spec: RunSpec
-    method: str = "second-moment"
+    method: str = SecondMoment.name
     workers: int = 1
     zero_stage: int = 0
 

@@ -24,11 +24,12 @@ from rayattr.configfile import config_command, save_config
 from rayattr.data import sample_split
 from rayattr.grads.normalizer import from_optimizer_state
 from rayattr.hessian.factors import TARGET_DOWNWEIGHT_COMPONENTS
+from rayattr.hessian.methods import SecondMoment
 from rayattr.hessian.mixing import mix_stats
 from rayattr.model import load_model
 from rayattr.ray.entry import fit, score
 from rayattr.ray.pipeline import ensure_ray
-from rayattr.ray.reduce import eigh_all
+from rayattr.ray.combine import eigh_all
 from rayattr.ray.score import ScoreSettings, reduce
 
 NormalizerChoice = Literal["auto", "adafactor", "adam", "none"]
@@ -153,13 +154,14 @@ def trackstar(spec: TrackstarSpec, *, resume: bool = False, ray_address: str | N
         steps.run("normalizer", make_normalizer)
         grads = dataclasses.replace(grads, normalizer=out)
     index_stats, query_stats = storage.join(root, "index_stats"), storage.join(root, "query_stats")
-    steps.run("index_stats", lambda: _summary(fit(index_stats, RunSpec(spec.model, sample, grads), "second-moment", **common)))
+    steps.run("index_stats", lambda: _summary(fit(index_stats, RunSpec(spec.model, sample, grads), SecondMoment.name,
+                                                  **common)))
     hessian = index_stats
     # The query set is small: its rows stay float32 whatever the training rows are stored in (same space).
     query_grads = dataclasses.replace(grads, dtype="float32")
     if spec.mix:
         steps.run("query_stats", lambda: _summary(fit(query_stats, RunSpec(spec.model, spec.query, query_grads),
-                                                      "second-moment", **common)))
+                                                      SecondMoment.name, **common)))
         hessian = storage.join(root, "mixed")
 
         def mix_on_ray() -> dict[str, Any]:

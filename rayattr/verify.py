@@ -20,6 +20,8 @@ import pyarrow as pa
 from rayattr import storage
 from rayattr.codec import RowCodec, vectors_of
 from rayattr.config import RayattrError
+from rayattr.grads.normalizer import MANIFEST as NORMALIZER_MANIFEST, Normalizer
+from rayattr.hessian.factors import MANIFEST as STATS_MANIFEST, load_stats
 from rayattr.space import space_mismatches
 from rayattr.store import (
     META_KEY, SCORES, TOPK, Completion, GradientTable, RowTable, ScoreTable, TableMeta, connect,
@@ -140,9 +142,7 @@ def _verify_rows(table: RowTable, columns: list[str], decode: Callable[[pa.Recor
 
 
 def _verify_stats(directory: str, metas: dict[str, TableMeta], report: VerifyReport) -> None:
-    from rayattr.hessian.factors import MANIFEST, load_stats
-
-    if not storage.exists(storage.join(directory, MANIFEST)):
+    if not storage.exists(storage.join(directory, STATS_MANIFEST)):
         return
     try:
         _, manifest = load_stats(directory)  # checksums, shapes
@@ -158,9 +158,7 @@ def _verify_stats(directory: str, metas: dict[str, TableMeta], report: VerifyRep
 
 
 def _verify_normalizer(directory: str, metas: dict[str, TableMeta], report: VerifyReport) -> None:
-    from rayattr.grads.normalizer import MANIFEST, Normalizer
-
-    if not storage.exists(storage.join(directory, MANIFEST)):
+    if not storage.exists(storage.join(directory, NORMALIZER_MANIFEST)):
         return
     try:
         normalizer = Normalizer.load(directory)

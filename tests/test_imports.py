@@ -113,3 +113,19 @@ def test_compute_core_never_imports_ray() -> None:
         if (module := module_name(path)).startswith(RAY_FREE)
     }
     assert {m: found for m, found in offenders.items() if found} == {}
+
+
+def test_no_function_level_import_of_rayattr_outside_the_cli() -> None:
+    """A lazy import of the project's own code is a circle in disguise; the CLI defers them to start fast."""
+    nested = []
+    for path in PACKAGE.rglob("*.py"):
+        module = module_name(path)
+        if module.startswith("rayattr.cli"):
+            continue
+        tree = ast.parse(path.read_text())
+        for function in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            for node in ast.walk(function):
+                names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else
+                         [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
+                nested += [f"{module}:{node.lineno} {name}" for name in names if name.split(".")[0] == "rayattr"]
+    assert nested == []

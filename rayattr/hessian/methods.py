@@ -18,7 +18,9 @@ from rayattr.config import RayattrError, RunSpec, stable_hash
 from rayattr.grads.engine import GradientEngine
 from rayattr.grads.normalizer import Normalizer, NormalizerKind
 from rayattr.hessian.factors import Eigen, Eigh, InversionMode, inverse_multiplier, kfac_grid, save_stats
-from rayattr.hessian.stats import RowAccumulator, Sums, TokenAccumulator
+from rayattr.hessian.stats import (
+    EKFAC_PASS, KFAC_PASS, NORMALIZER_PASS, SECOND_MOMENT_PASS, RowAccumulator, Sums, TokenAccumulator,
+)
 from rayattr.space import TableMeta, space_of
 
 RunPass = Callable[[str, Sums | None], tuple[Sums, TableMeta]]  # (pass kind, eigenbases) -> reduced sums, meta
@@ -43,13 +45,13 @@ class StatsPass:
     def __init__(self, engine: GradientEngine, kind: str, eigenbases: Sums | None = None) -> None:
         self.engine = engine
         self.kind = kind
-        if kind == "kfac":
+        if kind == KFAC_PASS:
             self.accumulator = engine.collector.tap = TokenAccumulator(engine.layouts)
         else:
             self.accumulator = RowAccumulator(kind, engine.layouts, eigenbases)
 
     def __call__(self, docs) -> None:
-        if self.kind == "kfac":
+        if self.kind == KFAC_PASS:
             self.engine.observe(docs)
         else:
             rows = self.engine.rows(docs)
@@ -93,7 +95,7 @@ class HessianMethod:
 
 
 class SecondMoment(HessianMethod):
-    name, first_pass = "second-moment", "second-moment"
+    name, first_pass = SECOND_MOMENT_PASS, SECOND_MOMENT_PASS
 
     def finish(self, sums: Sums, eigh: Eigh) -> tuple[dict, dict]:
         matrices = {name: s["xx"] / s["count"] for name, s in sums.items()}
@@ -109,7 +111,7 @@ class SecondMoment(HessianMethod):
 
 
 class KFAC(HessianMethod):
-    name, first_pass = "kfac", "kfac"
+    name, first_pass = KFAC_PASS, KFAC_PASS
 
     def finish(self, sums: Sums, eigh: Eigh) -> tuple[dict, dict]:
         matrices = {}
@@ -137,12 +139,12 @@ class KFAC(HessianMethod):
 
 
 class EKFAC(KFAC):
-    name = "ekfac"
+    name = EKFAC_PASS
 
     def refine(self, tensors: dict, summary: dict, run_pass: RunPass) -> None:
         """Second pass: per-example gradients in the K-FAC eigenbases give the corrected eigenvalues."""
         bases = {name: {"q_out": t["q_out"], "q_in": t["q_in"]} for name, t in tensors.items()}
-        corrections, _ = run_pass("ekfac", bases)
+        corrections, _ = run_pass(EKFAC_PASS, bases)
         for name, sums in corrections.items():
             tensors[name]["lambda"] = sums["lambda_sum"] / sums["count"]
             summary["examples"] = int(sums["count"])
@@ -154,7 +156,7 @@ class EKFAC(KFAC):
 class NormalizerFit(HessianMethod):
     """Not curvature: Adam/Adafactor second moments of full per-example gradients, saved as a normalizer."""
 
-    name, first_pass, per_module, preconditions = "normalizer", "normalizer", False, False
+    name, first_pass, per_module, preconditions = NORMALIZER_PASS, NORMALIZER_PASS, False, False
 
 
 def check_method(method: str, spec: RunSpec) -> None:

@@ -21,6 +21,7 @@ from rayattr.config import RayattrError
 from rayattr.grads.collector import ModuleLayout
 from rayattr.hessian.factors import ekfac_lambda
 
+SECOND_MOMENT_PASS, KFAC_PASS, EKFAC_PASS, NORMALIZER_PASS = "second-moment", "kfac", "ekfac", "normalizer"  # the kinds of passes
 Method = Literal["second-moment", "ekfac", "normalizer"]  # row passes (K-FAC taps tokens: TokenAccumulator)
 Sums = dict[str, dict[str, torch.Tensor]]
 PENDING_ROWS = 512  # second-moment rows gathered before one GEMM per module adds them
@@ -50,9 +51,9 @@ class RowAccumulator:
     """
 
     def __init__(self, method: Method, layouts: list[ModuleLayout], eigenbases: Sums | None = None) -> None:
-        if method == "normalizer" and any(l.p_out != l.out_features or l.p_in != l.in_features for l in layouts):
+        if method == NORMALIZER_PASS and any(l.p_out != l.out_features or l.p_in != l.in_features for l in layouts):
             raise RayattrError("fitting a normalizer needs full gradients: use --projection-dim 0")
-        if method == "ekfac" and eigenbases is None:
+        if method == EKFAC_PASS and eigenbases is None:
             raise RayattrError("EK-FAC needs the K-FAC eigenbases of a first pass")
         self.method = method
         self.layouts = layouts
@@ -69,14 +70,14 @@ class RowAccumulator:
     def update(self, grads: torch.Tensor, tokens: int) -> None:
         """Add ``[rows, D]`` gradient rows (already normalized/projected by the collector) of
         documents holding ``tokens`` tokens, counted as the K-FAC pass counts them."""
-        if self.method == "second-moment":
+        if self.method == SECOND_MOMENT_PASS:
             self._pending.append(grads)  # ``_flush`` adds ``x^T x`` of many batches at once
             if sum(len(rows) for rows in self._pending) >= PENDING_ROWS:
                 self._flush()
         for layout in self.layouts:
-            if self.method != "second-moment":
+            if self.method != SECOND_MOMENT_PASS:
                 x = grads[:, layout.offset : layout.offset + layout.width].double()
-                if self.method == "ekfac":
+                if self.method == EKFAC_PASS:
                     bases = self.eigenbases[layout.name]
                     lambda_sum = ekfac_lambda(x.view(-1, layout.p_out, layout.p_in), bases["q_out"], bases["q_in"])
                     self._add(layout.name, lambda_sum=lambda_sum)

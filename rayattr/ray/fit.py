@@ -24,7 +24,7 @@ from rayattr.hessian.stats import Sums
 from rayattr.ray.checkpoint import PartialWriter, load_partials, pass_directory, remove_partials
 from rayattr.ray.pipeline import prepare, resume_plan, token_stream, user_errors
 from rayattr.ray.progress import peak_rss_mb
-from rayattr.ray.reduce import eigh_all, tree_reduce
+from rayattr.ray.combine import eigh_all, tree_sum
 from rayattr.ray.replicas import Job, ReplicaPool, replicas
 from rayattr.space import TableMeta
 
@@ -114,7 +114,7 @@ class _Passes:
                     pass
                 partials += self.pool.call_each(self.job, "finish")
         meta = same_meta(ray.get(self.pool.call_each(self.job, "table_meta")))
-        return ray.get(tree_reduce(partials)), meta
+        return ray.get(tree_sum(partials)), meta
 
 
 def same_meta(metas: list[TableMeta]) -> TableMeta:

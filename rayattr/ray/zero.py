@@ -41,7 +41,7 @@ from rayattr.ray.lockstep import Step, run_lockstep
 from rayattr.ray.pipeline import (DOCS_PER_WRITE, GradientWorker, finish_build, plan_build, prepare, shard_items,
                                   token_stream, user_errors)
 from rayattr.ray.progress import BuildProgress, count_summaries, peak_rss_mb
-from rayattr.ray.reduce import eigh_all, tree_reduce
+from rayattr.ray.combine import eigh_all, tree_sum
 from rayattr.ray.replicas import WorkerResources, release_replicas
 from rayattr.ray.score import ScoringWorker
 from rayattr.space import TableMeta
@@ -373,5 +373,5 @@ def _stats_pass(spec: RunSpec, items: list[dict], workers: int, reports: list[Wo
     _run_group(spec, token_stream(spec, items), workers, _AccumulateStats(method, bases), mailbox)
     group_reports, metas = ray.get(mailbox.reports.remote())
     reports.extend(group_reports)
-    sums = ray.get(tree_reduce([mailbox.result.remote(rank) for rank in range(workers)]))
+    sums = ray.get(tree_sum([mailbox.result.remote(rank) for rank in range(workers)]))
     return sums, same_meta(metas)

@@ -24,7 +24,7 @@ def _merge(left: Sums, right: Sums) -> Sums:
     return merge(left, right)
 
 
-def tree_reduce(partials: list[ray.ObjectRef]) -> ray.ObjectRef:
+def tree_sum(partials: list[ray.ObjectRef]) -> ray.ObjectRef:
     """Sum the partial results pairwise, level by level, as Ray tasks."""
     level = list(partials)
     while len(level) > 1:
