@@ -8,7 +8,9 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -178,3 +180,16 @@ def pyplot(console: Console) -> ModuleType | None:
                       markup=False)
         return None
     return plt
+
+
+def timed(runs: dict[str, Callable[[], None]], tokens: int, rounds: int) -> dict[str, float]:
+    """Medians over interleaved rounds after a warm-up, in tokens/s."""
+    for run in runs.values():
+        run()
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: tokens / statistics.median(values) for name, values in seconds.items()}

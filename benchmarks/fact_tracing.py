@@ -20,7 +20,7 @@ recall@1, recall@10 and MRR. Rows:
   fly because a 2,200 x 247,296 table is not worth storing.
 
 Projection-16 rows score built tables (``index_path``; equal to on-the-fly
-scores by tests/test_score.py); the throughput rows time the two builds and an
+scores by tests/ray/test_score.py); the throughput rows time the two builds and an
 on-the-fly score of the same corpus with TrackStar's settings and workers.
 ``small`` (50 queries, no sweep, no projection-0 rows) takes a few minutes on 2
 CPU cores; ``full`` runs everything.

@@ -18,9 +18,7 @@ Writes results/feature_cost.json (small) or results/feature_cost_full.json.
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +27,7 @@ import pyarrow as pa
 import torch
 from rich.table import Table
 
-from common import TOKEN_BATCH_SIZE, bench_inputs, first_documents, forward_backward, machine, packed_corpus, write_results
+from common import TOKEN_BATCH_SIZE, bench_inputs, first_documents, forward_backward, machine, packed_corpus, timed, write_results
 from rayattr.config import DataSpec, GradSpec, ModelSpec
 from rayattr.data import TokenizedDocs, token_budget_batches, tokenize
 from rayattr.grads.engine import GradientEngine
@@ -80,19 +78,6 @@ def cases(model, adapted, docs: TokenizedDocs, pad_id: int) -> dict[str, Callabl
         "LoRA adapter modules, cross-entropy": engine(adapted, base, docs),
         "LoRA adapter modules, KL (--loss-fn kl)": engine(adapted, dataclasses.replace(base, loss_fn="kl"), docs),
     }
-
-
-def timed(runs: dict[str, Callable[[], None]], tokens: int, rounds: int) -> dict[str, float]:
-    """Medians over interleaved rounds after a warm-up, in tokens/s."""
-    for run in runs.values():
-        run()
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            seconds[name].append(time.perf_counter() - start)
-    return {name: tokens / statistics.median(values) for name, values in seconds.items()}
 
 
 def tokenizer_rates(texts: list[str], tokenizer, rounds: int) -> dict[str, float]:

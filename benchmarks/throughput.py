@@ -25,9 +25,7 @@ processes can beat one two-threaded one on matmuls this small.
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,7 +33,7 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from common import TOKEN_BATCH_SIZE, bench_inputs, first_documents, forward_backward, machine, packed_corpus, write_results
+from common import TOKEN_BATCH_SIZE, bench_inputs, first_documents, forward_backward, machine, packed_corpus, timed, write_results
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
 from rayattr.data import TokenizedDocs, token_budget_batches
 from rayattr.grads.engine import GradientEngine
@@ -75,15 +73,7 @@ def in_process(model: torch.nn.Module, docs: TokenizedDocs, pad_id: int, rounds:
         "(b) engine, projection 16": engine(16),
         "(b) engine, projection 0 (full gradients)": engine(0),
     }
-    for run in cases.values():
-        run()  # warm-up
-    seconds: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(rounds):
-        for name, run in cases.items():
-            start = time.perf_counter()
-            run()
-            seconds[name].append(time.perf_counter() - start)
-    return {name: tokens / statistics.median(values) for name, values in seconds.items()}
+    return timed(cases, tokens, rounds)
 
 
 def through_ray(root: Path, spec: RunSpec) -> dict[str, dict[str, float]]:

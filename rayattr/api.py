@@ -4,21 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from rayattr.commands import BuildConfig, HessianConfig, ReduceConfig, ScoreConfig, TrackstarSpec
 from rayattr.config import RunSpec
 from rayattr.data import TokenizedDocs, plan_shards, read_shard, reward_baselines, tokenize
 from rayattr.grads.engine import GradientRows, engine_for
 from rayattr.model import load_tokenizer, max_positions, tokenizer_source
 from rayattr.ray.entry import build, fit as fit_hessian, score
 from rayattr.ray.progress import BuildProgress
-from rayattr.ray.score import ScoreSettings, read_topk, reduce
+from rayattr.ray.score import read_topk, reduce
+from rayattr.runconfig import load_config, run
+from rayattr.score import ScoreSettings
 from rayattr.search import Attributor, Index
 from rayattr.space import TableMeta
 from rayattr.store import GRADIENTS, GradientTable
-from rayattr.trackstar import TrackstarSpec, trackstar
+from rayattr.trackstar import trackstar
 
 __all__ = [
-    "Attributor", "BuildProgress", "Index", "ScoreSettings", "TrackstarSpec", "build_index", "collect_in_process",
-    "fit_hessian", "open_index", "read_topk", "reduce", "score", "trackstar",
+    "Attributor", "BuildConfig", "BuildProgress", "HessianConfig", "Index", "ReduceConfig", "ScoreConfig",
+    "ScoreSettings", "TrackstarSpec", "build_index", "collect_in_process", "fit_hessian", "load_config", "open_index",
+    "read_topk", "reduce", "run", "score", "trackstar",
 ]
 
 build_index = build

@@ -79,6 +79,39 @@ def stable_hash(payload: Any, length: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, flags: tuple[str, ...] = (),
+            choices: tuple[str, ...] = ()) -> Any:
+    """A user-settable field: its default and its help text, the one place the CLI and the YAML configs learn
+    them (``rayattr.cli.options`` makes the command-line options from these). ``flags`` overrides the option
+    names (``--score`` for ``mode``); ``choices`` lists the values of a string known only at run time."""
+    metadata = {"help": help} | ({"flags": flags} if flags else {}) | ({"choices": choices} if choices else {})
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("a mutable default: use a tuple")
+    return field(default=default, metadata=metadata)
+
+
+# Settings that several commands' configs carry, each defined here once: ``shared(name)`` makes the field.
+SHARED_SETTINGS: dict[str, tuple[Any, str, tuple[str, ...]]] = {
+    "workers": (1, "Worker actors, each with a model replica (one GPU each when there are GPUs)", ()),
+    "optimizer_state": (None, "optimizer.pt of an HF Trainer checkpoint (AdamW or Adafactor): the normalizer's "
+                              "moments, instead of fitting them from data", ()),
+    "zero_stage": (0, "3: partition the model over the --workers with DeepSpeed ZeRO-3 (models too large for one "
+                      "device); 0: a replica each", ()),
+    "hessian": (None, "Statistics directory (`rayattr hessian`/`mix`) to precondition with", ("--hessian-path",)),
+    "unit_normalize": (False, "Cosine: unit-normalize query and index rows (after H^-1/2)", ()),
+    "top_k": (50, "Training rows kept per query in the topk table", ()),
+    "query_batch_size": (1024, "Queries multiplied at once (bounds the score block in memory)", ()),
+    "per_token_scores": (False, "Also write a score per training token (token_scores table)", ()),
+    "keep_gradients": (False, "Also store the training gradients computed on the fly (gradients table)", ()),
+}
+
+
+def shared(name: str) -> Any:
+    """The field of a shared setting (``SHARED_SETTINGS``)."""
+    default, help, flags = SHARED_SETTINGS[name]
+    return setting(default, help, flags=flags)
+
+
 def check_zero_stage(stage: int) -> None:
     """Refuse ZeRO stages other than 0 (replicas) and 3 before any worker starts."""
     if stage not in ZERO_STAGES:
@@ -96,14 +129,17 @@ class ModelSpec:
     ``base_model``, or else from the adapter's own config.
     """
 
-    model: str
-    revision: str | None = None
-    precision: Precision = "fp32"
-    device: str = "auto"
-    attn_implementation: str | None = None
-    base_model: str | None = None
-    force_math_sdp: bool = False  # attention through the plain math kernel (no fused SDPA kernels)
-    use_tf32_matmuls: bool = False  # TF32 matmuls on GPUs that have them (fp32 weights, faster, less exact)
+    model: str = setting(help="Local model directory, PEFT adapter directory, or hub name")
+    revision: str | None = setting(None, "Hub revision (branch, tag or commit) of --model")
+    precision: Precision = setting("fp32", "Model weights dtype")
+    device: str = setting("auto", "auto: a GPU when the worker has one, else the CPU; or a torch device name")
+    attn_implementation: str | None = setting(None, "transformers attention implementation (default: the model's)")
+    base_model: str | None = setting(None, "Base model of a PEFT adapter --model (default: the one its "
+                                           "adapter_config.json names)")
+    force_math_sdp: bool = setting(False, "Attention through the plain math kernel (no fused SDPA kernels; see "
+                                          "`rayattr doctor`)")
+    use_tf32_matmuls: bool = setting(False, "TF32 matmuls on GPUs that have them (faster fp32, less exact; see "
+                                            "`rayattr doctor`)")
 
 
 @dataclass(frozen=True)
@@ -117,17 +153,20 @@ class DataSpec:
     row indices of the full split, so slices of one split never collide.
     """
 
-    dataset: str
-    split: str = "train"
-    subset: str | None = None
-    text_column: str = "text"
-    prompt_column: str | None = None
-    completion_column: str | None = None
-    max_length: int | None = None
-    truncation: bool = False
-    conversation_column: str | None = None
-    reward_column: str | None = None
-    skip_nan_rewards: bool = False
+    dataset: str = setting(help="parquet file/dir, save_to_disk dir, .json/.jsonl/.csv, or hub name")
+    split: str = setting("train", "Split, optionally sliced: train[:1000]")
+    subset: str | None = setting(None, "Hub dataset configuration")
+    text_column: str = setting("text", "Column of plain documents")
+    prompt_column: str | None = setting(None, "Prompt column (with --completion-column)")
+    completion_column: str | None = setting(None, "Completion column: loss on the completion only")
+    max_length: int | None = setting(None, "Longest document in tokens (default: the model's)")
+    truncation: bool = setting(False, "Cut documents longer than --max-length instead of failing")
+    conversation_column: str | None = setting(None, "Column of {role, content} message lists, rendered by the chat "
+                                                    "template; loss on assistant turns only")
+    reward_column: str | None = setting(None, "Reward column: each document's loss times its advantage, reward - "
+                                              "mean reward of its prompt (Dr. GRPO)")
+    skip_nan_rewards: bool = setting(False, "Leave out documents with a NaN reward (counted as skipped) instead "
+                                            "of failing")
 
     def __post_init__(self) -> None:
         if self.prompt_column and not self.completion_column:
@@ -173,26 +212,34 @@ class GradSpec:
     ``projection_dim`` numbers in one go (``rayattr.grads.sketch``).
     """
 
-    projection_dim: int = 16
-    projection_type: ProjectionType = "rademacher"
-    seed: int = 0
-    modules: tuple[str, ...] = ("*",)
-    exclude_modules: tuple[str, ...] = ()
-    per_token: bool = False
-    token_batch_size: int = 2048
-    dtype: VectorDtype = "float32"
-    normalizer: str | None = None  # directory written by `rayattr normalizer`
-    proj_rank_total: int | None = None  # per-module budget p_out * p_in <= this; None: p x p
-    proj_rank_min: int = 1  # smallest p_out and p_in the allocation gives a module
-    row_orthonormal: bool = False  # Kronecker factors with orthogonal rows (QR of the draw); none at projection 0
-    include_bias: bool = False  # biased modules' gradients gain the bias column: [G | g_b], in_features + 1
-    loss_reduction: LossReduction = "sum"  # "mean": each document's loss divided by its label-token count
-    loss_fn: LossFn = "ce"  # "kl": KL(adapted || base) per label token; needs a PEFT adapter model
-    # "sampled": each label token drawn from the model's own next-token distribution (seeded per document and
-    # position), so statistics of these gradients estimate the true Fisher instead of the empirical one
-    labels: Labels = "data"
-    split_attention: tuple[str, ...] = ()  # globs of attention projections cut into per-head blocks
-    num_heads: int | None = None  # heads of --split-attention; None: the model config's
+    projection_dim: int = setting(16, "Kronecker types: per-side p (p*p per module); sketch types: total dimension D "
+                                      "of each row; 0 keeps full gradients")
+    projection_type: ProjectionType = setting("rademacher", "rademacher/normal (= kronecker-*): per-module L G R^T; "
+                                                            "afjl, affd, qk, fjl, dense: one sketch of the concatenated gradient")
+    seed: int = setting(0, "Projection seed")
+    modules: tuple[str, ...] = setting(("*",), "Glob of module names to include (repeatable)")
+    exclude_modules: tuple[str, ...] = setting((), "Glob of module names to exclude (repeatable)")
+    per_token: bool = setting(False, "One row per token instead of per document")
+    token_batch_size: int = setting(2048, "Padded tokens per forward/backward batch")
+    dtype: VectorDtype = setting("float32", "Stored vector dtype; int4: 4-bit codes with one step per module (scores "
+                                            "are computed from rows in it)")
+    normalizer: str | None = setting(None, "Normalizer directory from `rayattr normalizer`")
+    proj_rank_total: int | None = setting(None, "Kronecker: per-module budget p_out*p_in, split by module shape "
+                                                "(replaces p x p)")
+    proj_rank_min: int = setting(1, "Smallest p_out and p_in --proj-rank-total gives a module")
+    row_orthonormal: bool = setting(False, "Kronecker factors with orthogonal rows (QR of the random draw); no "
+                                           "effect at projection 0")
+    include_bias: bool = setting(False, "Also attribute through biases: a biased module's gradient is [G | g_b] "
+                                        "(kronfluence's convention)")
+    loss_reduction: LossReduction = setting("sum", "Each document's loss: sum over its label tokens (Bergson's and "
+                                                   "kronfluence's convention), or mean")
+    loss_fn: LossFn = setting("ce", "ce: cross-entropy on the label tokens; kl: KL(adapted || base) per label token "
+                                    "(a PEFT adapter --model)")
+    labels: Labels = setting("data", "data: the documents' tokens are the targets (empirical Fisher); sampled: "
+                                     "targets drawn from the model, seeded per document and position (true Fisher)")
+    split_attention: tuple[str, ...] = setting((), "Glob of attention projections whose gradient is cut into one "
+                                                   "block per head (repeatable)")
+    num_heads: int | None = setting(None, "Heads of --split-attention (default: the model config's)")
 
     def __post_init__(self) -> None:
         if self.projection_dim < 0:
@@ -261,6 +308,13 @@ class GradSpec:
         Options at their defaults are left out, so specs that predate them keep
         their fingerprints.
         """
+        fields = self.projection_fields()
+        if self.split_attention:  # tables record head blocks in their module layout instead
+            fields |= {"split_attention": list(self.split_attention), "num_heads": self.num_heads}
+        return stable_hash(fields)
+
+    def projection_fields(self) -> dict[str, Any]:
+        """Type, dim and seed, and the options that change the space when they are not at their defaults."""
         fields: dict[str, Any] = {"dim": self.projection_dim, "type": self.projection_type, "seed": self.seed}
         if self.proj_rank_total is not None:
             fields |= {"rank_total": self.proj_rank_total, "rank_min": self.proj_rank_min}
@@ -272,9 +326,7 @@ class GradSpec:
             fields["loss_reduction"] = self.loss_reduction
         if self.loss_fn != "ce":
             fields["loss_fn"] = self.loss_fn
-        if self.split_attention:
-            fields |= {"split_attention": list(self.split_attention), "num_heads": self.num_heads}
-        return stable_hash(fields)
+        return fields
 
 
 # TrackStar's own projection: p = 45 per side with orthonormal factor rows, in 4-bit codes: 2,025 / 2 + 4 = 1,016.5

@@ -1,65 +1,31 @@
-"""The configs of `rayattr build`, `hessian` and `score`, and running any saved config:
-what `rayattr run`, the CLI's `--save-config` and `jobs/` share.
+"""Running a command's config (``rayattr.commands``): the one route of every command.
 
-The same file (format: ``rayattr.configfile``) runs on a laptop (`rayattr
-run`) and on a cluster (`ray job submit -- python jobs/<command>.py CONFIG.yaml`).
+The CLI builds a config and calls ``run_config``; `rayattr run` and
+``jobs/<command>.py`` load the same config from YAML (``rayattr.configfile``)
+and call it too, on a laptop or on a cluster (`ray job submit -- python
+jobs/<command>.py CONFIG.yaml`).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from rayattr import storage
-from rayattr.config import RayattrError, RunSpec, from_dict, one_line_warnings
-from rayattr.configfile import COMMANDS, config_command
-from rayattr.hessian.methods import SecondMoment
-from rayattr.ray.entry import build, fit, score
-from rayattr.ray.score import ScoreSettings
+from rayattr.commands import BuildConfig, HessianConfig, NormalizerConfig, ReduceConfig, ScoreConfig, TrackstarSpec
+from rayattr.config import RayattrError, from_dict, one_line_warnings
+from rayattr.configfile import COMMANDS
+from rayattr.hessian.factors import STATS_SUBDIR
+from rayattr.ray.entry import build, fit, make_normalizer, score
+from rayattr.ray.score import reduce
 from rayattr.trackstar import trackstar
 
-
-@config_command("build")
-@dataclass(frozen=True)
-class BuildConfig:
-    """`rayattr build`: the gradient table of ``spec.data`` in ``run_path``."""
-
-    run_path: str
-    spec: RunSpec
-    workers: int = 1
-    zero_stage: int = 0  # 3: the model partitioned over the workers (DeepSpeed ZeRO-3) instead of replicated
-
-
-@config_command("hessian")
-@dataclass(frozen=True)
-class HessianConfig:
-    """`rayattr hessian`: statistics of ``spec.data`` in ``run_path``/stats."""
-
-    run_path: str
-    spec: RunSpec
-    method: str = SecondMoment.name
-    workers: int = 1
-    zero_stage: int = 0
-
-
-@config_command("score")
-@dataclass(frozen=True)
-class ScoreConfig:
-    """`rayattr score`: ``spec`` scores on the fly, ``index_path`` scores a built table."""
-
-    run_path: str
-    query_path: str | None  # None with settings.self_influence
-    settings: ScoreSettings = dataclasses.field(default_factory=ScoreSettings)
-    spec: RunSpec | None = None
-    index_path: str | None = None
-    workers: int = 1
-    zero_stage: int = 0
+Config = BuildConfig | HessianConfig | NormalizerConfig | ReduceConfig | ScoreConfig | TrackstarSpec
 
 
 def load_config(path: str | Path, expected: str | None = None) -> tuple[str, Any]:
@@ -76,23 +42,29 @@ def load_config(path: str | Path, expected: str | None = None) -> tuple[str, Any
     return command, from_dict(COMMANDS[command], body)
 
 
-def run_config(command: str, config: Any, *, resume: bool = False, ray_address: str | None = None,
-               log: Callable[[str], None] = print) -> Any:
-    """Run one loaded config, logging progress lines through ``log``."""
-    progress = _progress_logger(command, log)
-    if command == "build":
-        return build(config.run_path, config.spec, workers=config.workers, ray_address=ray_address, on_progress=progress,
-                     zero_stage=config.zero_stage)
-    if command == "hessian":
-        return fit(storage.join(config.run_path, "stats"), config.spec, config.method, workers=config.workers,
-                   ray_address=ray_address, zero_stage=config.zero_stage)
-    if command == "score":
+def run(config: Config, *, resume: bool = False, ray_address: str | None = None,
+        on_progress: Callable | None = None, on_step: Callable | None = None) -> Any:
+    """Run a command's config; what it returns (a build's progress, a fit's summary, a score's result, trackstar's
+    step reports) is the command's to render. ``on_progress`` sees streaming passes, ``on_step`` trackstar's steps."""
+    common = {"workers": config.workers, "ray_address": ray_address}
+    if isinstance(config, NormalizerConfig):
+        return make_normalizer(config, ray_address)
+    if isinstance(config, BuildConfig):
+        return build(config.run_path, config.spec, on_progress=on_progress, zero_stage=config.zero_stage, **common)
+    if isinstance(config, HessianConfig):
+        return fit(storage.join(config.run_path, STATS_SUBDIR), config.spec, config.method, zero_stage=config.zero_stage,
+                   **common)
+    if isinstance(config, ReduceConfig):
+        preprocess = config.preprocess
+        return reduce(config.run_path, config.spec, aggregation=preprocess.aggregation, hessian=preprocess.hessian,
+                      unit_normalize=preprocess.unit_normalize, on_progress=on_progress, **common)
+    if isinstance(config, ScoreConfig):
         return score(config.run_path, config.query_path, config.settings, spec=config.spec, index_path=config.index_path,
-                     workers=config.workers, ray_address=ray_address, on_progress=progress, zero_stage=config.zero_stage)
-    return trackstar(config, resume=resume, ray_address=ray_address, on_step=lambda step: log(step.describe()))
+                     on_progress=on_progress, zero_stage=config.zero_stage, **common)
+    return trackstar(config, resume=resume, ray_address=ray_address, on_step=on_step)
 
 
-def _progress_logger(command: str, log: Callable[[str], None], every_seconds: float = 10.0) -> Callable:
+def progress_logger(command: str, log: Callable[[str], None], every_seconds: float = 10.0) -> Callable:
     """A progress callback that logs at most every ``every_seconds`` (job logs are plain text)."""
     last = [0.0]
 
@@ -107,8 +79,6 @@ def _progress_logger(command: str, log: Callable[[str], None], every_seconds: fl
 
 def job_main(command: str) -> None:
     """Entry point of ``jobs/<command>.py CONFIG.yaml [--resume]`` (what `ray job submit` runs)."""
-    import argparse
-
     parser = argparse.ArgumentParser(description=f"rayattr {command} job")
     parser.add_argument("config", help="YAML run config (written by `rayattr ... --save-config` or by hand)")
     parser.add_argument("--resume", action="store_true", help="trackstar: continue a run, skipping completed steps")
@@ -116,5 +86,6 @@ def job_main(command: str) -> None:
     one_line_warnings()
     _, config = load_config(args.config, expected=command)
     started = time.perf_counter()
-    run_config(command, config, resume=args.resume, log=lambda line: print(line, flush=True))
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    run(config, resume=args.resume, on_progress=progress_logger(command, log), on_step=lambda step: log(step.describe()))
     print(f"{command}: finished in {time.perf_counter() - started:.1f} s", flush=True)

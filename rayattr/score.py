@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from rayattr.config import RayattrError
+from rayattr.config import RayattrError, setting, shared
 from rayattr.hessian.precondition import Preconditioner
 from rayattr.space import TableMeta
 
@@ -164,9 +164,9 @@ class QueryPreprocess:
     Recorded in the query table's metadata so scoring can check it.
     """
 
-    hessian: str | None = None
-    unit_normalize: bool = False
-    aggregation: Aggregation = "mean"
+    hessian: str | None = shared("hessian")
+    unit_normalize: bool = shared("unit_normalize")
+    aggregation: Aggregation = setting("mean", "mean or sum to one vector; none keeps every query")
 
     @property
     def power(self) -> float:
@@ -182,3 +182,27 @@ class QueryPreprocess:
         reduce = {"aggregation": self.aggregation, "hessian": self.hessian, "power": self.power if applied else None}
         return replace(meta, preconditioner=applied, unit_normalized=self.unit_normalize,
                        source=meta.source | {"reduce": reduce})
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """How training rows are scored against the queries."""
+
+    mode: ScoreMode = setting("individual", "A score per query, their mean, or the nearest query's (max)",
+                              flags=("--score",))
+    unit_normalize: bool = shared("unit_normalize")
+    hessian: str | None = shared("hessian")
+    per_token: bool = shared("per_token_scores")
+    top_k: int = shared("top_k")
+    query_batch_size: int = shared("query_batch_size")
+    keep_gradients: bool = shared("keep_gradients")
+    self_influence: bool = setting(False, "Each document's self-influence g^T H^-1 g (with --hessian-path; |g|^2 "
+                                          "without) instead of queries", flags=("--self",))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", canonical_mode(self.mode))
+        if self.top_k < 1 or self.query_batch_size < 1:
+            raise RayattrError(f"--top-k and --query-batch-size must be >= 1, got {self.top_k} and {self.query_batch_size}")
+        if self.self_influence and (self.unit_normalize or self.per_token):
+            raise RayattrError("--self scores each document's g^T H^-1 g: drop --unit-normalize (a cosine with "
+                               "itself is 1) and --per-token")

@@ -15,65 +15,24 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from dataclasses import dataclass
+from typing import Any
 
 from rayattr import storage
-from rayattr.config import TRACKSTAR_GRADS, DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec, stable_hash, to_dict
-from rayattr.configfile import config_command, save_config
+from rayattr.commands import NormalizerConfig, TrackstarSpec
+from rayattr.config import RayattrError, RunSpec
+from rayattr.configfile import save_config
 from rayattr.data import sample_split
-from rayattr.grads.normalizer import from_optimizer_state
-from rayattr.hessian.factors import TARGET_DOWNWEIGHT_COMPONENTS
 from rayattr.hessian.methods import SecondMoment
 from rayattr.hessian.mixing import mix_stats
-from rayattr.model import load_model
-from rayattr.ray.entry import fit, score
-from rayattr.ray.pipeline import ensure_ray
+from rayattr.ray.entry import fit, make_normalizer, score
 from rayattr.ray.combine import eigh_all
-from rayattr.ray.score import ScoreSettings, reduce
+from rayattr.ray.pipeline import ensure_ray
+from rayattr.ray.score import reduce
+from rayattr.score import ScoreSettings
 
-NormalizerChoice = Literal["auto", "adafactor", "adam", "none"]
 CONFIG_FILE = "trackstar.yaml"
 STEPS_DIR = "steps"
-
-
-@config_command("trackstar")
-@dataclass(frozen=True)
-class TrackstarSpec:
-    """Everything a TrackStar run needs; its YAML form is what ``rayattr run`` reads."""
-
-    run_path: str
-    model: ModelSpec
-    train: DataSpec
-    query: DataSpec
-    grads: GradSpec = field(default_factory=lambda: TRACKSTAR_GRADS)
-    # auto: Adafactor from optimizer_state when given, else none (Bergson's convention; without
-    # an optimizer state, none beat an Adafactor fitted from data: benchmarks/trackstar_sweep.py)
-    normalizer: NormalizerChoice = "auto"
-    optimizer_state: str | None = None  # moments from a checkpoint instead of fitting them
-    stats_sample_size: int | None = 10_000  # first N training rows for the index statistics
-    target_downweight_components: int = TARGET_DOWNWEIGHT_COMPONENTS
-    mix: bool = True
-    top_k: int = 50
-    query_batch_size: int = 1024
-    per_token: bool = False
-    keep_gradients: bool = False  # also store the training gradients (table ``gradients``) while scoring
-    workers: int = 1
-
-    def __post_init__(self) -> None:
-        if self.normalizer not in get_args(NormalizerChoice):
-            raise RayattrError(f"unknown normalizer {self.normalizer!r}; choose auto, adafactor, adam or none")
-        if self.normalizer == "auto":
-            object.__setattr__(self, "normalizer", "adafactor" if self.optimizer_state else "none")
-        if self.optimizer_state and self.normalizer == "none":
-            raise RayattrError("--optimizer-state makes a normalizer: choose --normalizer adafactor or adam with it")
-        if self.grads.normalizer:
-            raise RayattrError("trackstar makes its own normalizer; use --optimizer-state or --normalizer, not a directory")
-
-    @property
-    def fingerprint(self) -> str:
-        """What decides the results (not the worker count)."""
-        return stable_hash(to_dict(dataclasses.replace(self, workers=1)))
 
 
 @dataclass
@@ -141,17 +100,11 @@ def trackstar(spec: TrackstarSpec, *, resume: bool = False, ray_address: str | N
     grads = spec.grads
     if spec.normalizer != "none":
         out = storage.join(root, "normalizer")
-
-        def make_normalizer() -> dict[str, Any]:
-            if spec.optimizer_state:
-                model = load_model(dataclasses.replace(spec.model, device="cpu"))
-                from_optimizer_state(spec.optimizer_state, model, spec.normalizer, grads.include_bias).save(out)
-                return {"source": spec.optimizer_state}
-            # moments of full gradients; the fit stores no rows, so no row dtype applies
-            full = RunSpec(spec.model, sample, dataclasses.replace(grads, projection_dim=0, dtype="float32"))
-            return _summary(fit(out, full, "normalizer", normalizer_kind=spec.normalizer, **common))
-
-        steps.run("normalizer", make_normalizer)
+        # moments of full gradients; the fit stores no rows, so no row dtype applies
+        full = dataclasses.replace(grads, projection_dim=0, dtype="float32")
+        normalizer = NormalizerConfig(out, spec.model, None if spec.optimizer_state else sample, full,
+                                      spec.optimizer_state, spec.normalizer, spec.workers)
+        steps.run("normalizer", lambda: {"source": make_normalizer(normalizer, ray_address).source})
         grads = dataclasses.replace(grads, normalizer=out)
     index_stats, query_stats = storage.join(root, "index_stats"), storage.join(root, "query_stats")
     steps.run("index_stats", lambda: _summary(fit(index_stats, RunSpec(spec.model, sample, grads), SecondMoment.name,

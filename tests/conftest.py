@@ -1,9 +1,16 @@
-"""Shared fixtures for the test suite: the offline fixture, its tokenizer and tiny models."""
+"""Shared fixtures for the test suite: the offline fixture, its tokenizer and tiny models, and the
+session's Ray; and the suite's order by layer.
+
+The tests are in three layers: ``unit/`` (never starts Ray), ``ray/`` (runs on the session's Ray)
+and ``e2e/`` (the CLI, child processes, clusters, the examples). They run in that order, so Ray is
+not running yet while the unit tests run, and ``unit/conftest.py`` can fail one that starts it.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,3 +60,21 @@ def ray_session():
     ensure_ray("local")
     yield
     ray.shutdown()
+
+
+LAYERS = ("unit", "ray", "e2e")  # the order they run in
+
+
+def _layer(item: pytest.Item) -> int:
+    """``LAYERS``' index of the directory under tests/ that holds ``item``; a test outside them runs after the unit tests."""
+    try:
+        top = item.path.relative_to(Path(__file__).parent).parts[0]
+    except ValueError:
+        return 1
+    return LAYERS.index(top) if top in LAYERS else 1
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering (parametrized fixtures), which stays within a layer
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Unit tests first, then ray, then e2e; the order within a layer is kept (a stable sort)."""
+    items.sort(key=_layer)

@@ -1,18 +1,35 @@
-"""Assertions the tests share."""
+"""Assertions, helpers and fixtures that tests in more than one layer (unit, ray, e2e) share.
+
+A fixture here is registered only in the test modules that import it (``from helpers import
+search_run``); it keeps the name its tests request (``run``) and its scope, so each importing
+module builds its own instance.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import psutil
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
 
-from rayattr.config import DataSpec, GradSpec
+from rayattr.api import collect_in_process
+from rayattr.cli import app
+from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
+from rayattr.data import TokenizedDocs
 from rayattr.grads.engine import GradientEngine, GradientRows
 from rayattr.ray.progress import BuildProgress
+from rayattr.search import Index
 from rayattr.space import TableMeta
-from rayattr.store import ScoreTable
+from rayattr.store import GradientTable, ScoreTable
+
+ROOT = Path(__file__).parents[1]  # the repository
 
 
 def assert_rows_close(actual: np.ndarray, expected: np.ndarray, tol: float = 1e-5) -> None:
@@ -83,3 +100,61 @@ def make_meta(dtype: str = "float32", dim: int = 12, per_token: bool = False, **
     )
     fields.update(overrides)
     return TableMeta(**fields)
+
+
+def one_line(output: str) -> str:
+    """CLI output with its line wrapping undone."""
+    return " ".join(output.split())
+
+
+def cli_build(run: str, model: str, dataset: str, *extra: str):
+    """``rayattr build`` at projection 4 through Typer's CliRunner."""
+    return CliRunner().invoke(app, ["build", run, "--model", model, "--dataset", dataset, "--projection-dim", "4", *extra])
+
+
+def rel_norm(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Frobenius-norm error of ``a`` relative to ``b``, in float64."""
+    return float(torch.linalg.norm(a.double() - b.double()) / torch.linalg.norm(b.double()))
+
+
+def fixture_engine(offline_fixture, fixture_tokenizer, **grads) -> GradientEngine:
+    """A gradient engine on a fresh copy of the fixture GPT-NeoX."""
+    model = AutoModelForCausalLM.from_pretrained(offline_fixture.neox).eval()
+    return GradientEngine(model, GradSpec(**grads), fixture_tokenizer.pad_token_id)
+
+
+# ----------------------------------------------------------------------- fixtures (import them by name)
+
+
+@pytest.fixture(params=["path", "uri"], name="root")
+def storage_root(request, tmp_path) -> str:
+    """An output root as a local path and as a ``file://`` URI."""
+    return str(tmp_path) if request.param == "path" else f"file://{tmp_path}"
+
+
+@pytest.fixture(scope="module", name="docs")
+def stats_docs(offline_fixture, fixture_tokenizer) -> TokenizedDocs:
+    """The first 48 training documents, tokenized."""
+    texts = pq.read_table(offline_fixture.train, columns=["text"]).column("text").to_pylist()[:48]
+    tokens = [np.array(t) for t in fixture_tokenizer(texts)["input_ids"]]
+    return TokenizedDocs(np.arange(len(texts)), tokens, np.ones(len(texts), np.int64))
+
+
+@pytest.fixture(scope="module", name="spec")
+def search_spec(offline_fixture) -> RunSpec:
+    return RunSpec(ModelSpec(str(offline_fixture.neox)), DataSpec(str(offline_fixture.train), split="train[:40]"),
+                   GradSpec(projection_dim=4))
+
+
+@pytest.fixture(scope="module", name="run")
+def search_run(tmp_path_factory, spec) -> str:
+    """A small gradient index written from the in-process engine (needs ``search_spec`` imported too)."""
+    uri = str(tmp_path_factory.mktemp("search") / "run")
+    for meta, rows in collect_in_process(spec):
+        GradientTable.create(uri, meta).append(rows.to_arrow())
+    return uri
+
+
+@pytest.fixture(scope="module", name="stored")
+def search_stored(run) -> tuple[np.ndarray, np.ndarray]:
+    return Index.open(run).table.read_matrix()

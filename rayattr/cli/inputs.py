@@ -11,14 +11,21 @@ from rich.table import Table
 
 from rayattr import storage
 from rayattr.cli.application import app
-from rayattr.cli.options import (BaseModelOpt, CompletionColumnOpt, ConversationColumnOpt, DatasetOpt, ForceMathSdpOpt,
-                                 Method, ModelOpt, NormalizerKind, Precision, PrecisionOpt, PromptColumnOpt, RayAddressOpt,
-                                 RunPathArg, SaveConfigOpt, SplitOpt, Tf32Opt, TextColumnOpt, WorkersOpt, ZeroStageOpt,
-                                 run_spec, saved, streams_dataset, user_errors)
+from rayattr.cli.options import (MODEL, STREAMING, Group, RayAddressOpt, RunPathArg, SaveConfigOpt, run_spec, saved,
+                                 user_errors, with_options)
 from rayattr.cli.render import console
-from rayattr.config import ModelSpec, RayattrError, check_zero_stage
+from rayattr.commands import HessianConfig, NormalizerConfig, TrackstarSpec
+from rayattr.config import DataSpec, GradSpec
 from rayattr.doctor import MIN_COSINE, diagnose
-from rayattr.hessian.factors import STATS_SUBDIR, TARGET_DOWNWEIGHT_COMPONENTS
+from rayattr.hessian.factors import STATS_SUBDIR
+
+HESSIAN = Group(HessianConfig)
+NORMALIZER = Group(NormalizerConfig)
+OPTIONAL_DATA = Group(DataSpec, optional=True)  # fit from a dataset, or take an optimizer state
+NORMALIZER_GRADS = Group(GradSpec, include=("modules", "exclude_modules", "token_batch_size", "include_bias",
+                                           "loss_reduction", "loss_fn", "labels", "split_attention", "num_heads"))
+DOCTOR_DATA = Group(DataSpec, include=("dataset", "split", "text_column", "prompt_column", "completion_column",
+                                       "conversation_column"), optional=True)
 
 
 @app.command()
@@ -43,34 +50,17 @@ def fixture(
 
 @app.command()
 @user_errors
-@streams_dataset("projection_dim", "projection_type", "proj_rank_total", "proj_rank_min", "row_orthonormal", "seed",
-                 "normalizer")
-def normalizer(
-    out: Annotated[Path, typer.Argument(help="Directory to write the normalizer into")],
-    model: ModelOpt,
-    optimizer_state: Annotated[Optional[Path], typer.Option(help="optimizer.pt of an HF Trainer checkpoint (AdamW or Adafactor)")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="Fit the moments from this dataset instead of an optimizer state")] = None,
-    kind: Annotated[NormalizerKind, typer.Option(help="adafactor (row/col moments) or adam (elementwise)")] = NormalizerKind.adafactor,
-    workers: WorkersOpt = 1,
-    ray_address: RayAddressOpt = None,
-    options: dict | None = None,
-) -> None:
+@with_options(MODEL, OPTIONAL_DATA, NORMALIZER_GRADS, NORMALIZER)
+def normalizer(out: Annotated[str, typer.Argument(help="Directory to write the normalizer into")],
+               ray_address: RayAddressOpt = None, options: dict | None = None) -> None:
     """Make a normalizer for `build --normalizer`: from an optimizer state, or fitted as mean squared gradients."""
-    from rayattr.grads.normalizer import Normalizer, from_optimizer_state
-    from rayattr.model import load_model
-    from rayattr.ray.entry import fit
+    from rayattr.api import run
 
-    if (optimizer_state is None) == (dataset is None):
-        raise RayattrError("pass exactly one of --optimizer-state PATH or --dataset D")
-    if optimizer_state is not None:
-        made = from_optimizer_state(optimizer_state, load_model(ModelSpec(model=model, device="cpu")), kind=kind.value,
-                                    include_bias=options["include_bias"])
-        made.save(out)
-    else:
-        spec = run_spec(model, dataset, **options, projection_dim=0)
-        with console.status("fitting normalizer"):
-            fit(str(out), spec, "normalizer", workers=workers, ray_address=ray_address, normalizer_kind=kind.value)
-        made = Normalizer.load(out)
+    grads = NORMALIZER_GRADS.build(options, projection_dim=0)  # full gradients
+    config = NORMALIZER.build(options, out=out, model=MODEL.build(options), data=OPTIONAL_DATA.build(options),
+                              grads=grads)
+    with console.status("making normalizer"):
+        made = run(config, ray_address=ray_address)
     table = Table("module", "moments", title=f"{made.kind} normalizer {out} (fingerprint {made.fingerprint})")
     for name, moments in made.moments.items():
         table.add_row(name, ", ".join(f"{k}{list(v.shape)}" for k, v in moments.items()))
@@ -79,34 +69,27 @@ def normalizer(
 
 @app.command()
 @user_errors
-@streams_dataset()
+@with_options(*STREAMING, HESSIAN)
 def hessian(
     run_path: RunPathArg,
-    model: ModelOpt,
-    dataset: DatasetOpt,
-    method: Annotated[Method, typer.Option(help="second-moment (any projection), kfac or ekfac (--projection-dim 0)")] = Method.second_moment,
     sample_size: Annotated[Optional[int], typer.Option(help="Use the first N rows of the split")] = None,
-    workers: WorkersOpt = 1,
-    zero_stage: ZeroStageOpt = 0,
     ray_address: RayAddressOpt = None,
     save_config: SaveConfigOpt = None,
     options: dict | None = None,
 ) -> None:
     """Fit curvature statistics (second moment, K-FAC, EK-FAC) into RUN_PATH/stats."""
+    from rayattr.api import run
     from rayattr.data import sample_split
-    from rayattr.ray.entry import fit
-    from rayattr.runconfig import HessianConfig
 
     options["split"] = sample_split(options["split"], sample_size)
-    spec = run_spec(model, dataset, **options)
-    check_zero_stage(zero_stage)
-    if saved(save_config, HessianConfig(run_path, spec, method.value, workers, zero_stage)):
+    config = HESSIAN.build(options, run_path=run_path, spec=run_spec(options))
+    if saved(save_config, config):
         return
     out = storage.join(run_path, STATS_SUBDIR)
-    with console.status(f"fitting {method.value}"):
-        summary = fit(out, spec, method.value, workers=workers, ray_address=ray_address, zero_stage=zero_stage)
+    with console.status(f"fitting {config.method}"):
+        summary = run(config, ray_address=ray_address)
     table = Table("module", "gradient shape", "top eigenvalue", "condition number", title=(
-        f"{method.value} -> {out}: {summary.examples:,} examples, {summary.tokens:,} tokens, {summary.seconds:.1f} s"))
+        f"{config.method} -> {out}: {summary.examples:,} examples, {summary.tokens:,} tokens, {summary.seconds:.1f} s"))
     for name, row in summary.modules.items():
         table.add_row(name, row["shape"], f"{row['top_eigenvalue']:.4g}", f"{row['condition']:.3g}")
     Console().print(table)
@@ -114,44 +97,33 @@ def hessian(
 
 @app.command()
 @user_errors
+@with_options(Group(TrackstarSpec, include=("target_downweight_components",)))
 def mix(
     query: Annotated[str, typer.Option(help="Statistics directory of the query set (second-moment)")],
     index: Annotated[str, typer.Option(help="Statistics directory of the index set (second-moment)")],
     out: Annotated[str, typer.Option(help="Directory for the mixed statistics")],
-    target_downweight_components: Annotated[int, typer.Option(help="Eigen-rank at which the two spectra cross")] = TARGET_DOWNWEIGHT_COMPONENTS,
+    options: dict | None = None,
 ) -> None:
     """TrackStar mixing: H = lam * H_query + (1 - lam) * H_index, lam from the pooled spectra."""
     from rayattr.hessian.mixing import mix_stats
 
-    lam, k = mix_stats(query, index, out, target_downweight_components)
+    lam, k = mix_stats(query, index, out, options["target_downweight_components"])
     Console().print(f"mixed -> {out}: lambda = {lam:.4f} (pooled eigen-rank k = {k})")
 
 
 @app.command()
 @user_errors
+@with_options(MODEL, DOCTOR_DATA)
 def doctor(
-    model: ModelOpt,
-    dataset: Annotated[Optional[str], typer.Option(help="Sample documents from this dataset (default: built-in probe texts)")] = None,
-    split: SplitOpt = "train",
-    text_column: TextColumnOpt = "text",
-    prompt_column: PromptColumnOpt = None,
-    completion_column: CompletionColumnOpt = None,
-    conversation_column: ConversationColumnOpt = None,
-    precision: PrecisionOpt = Precision.fp32,
-    force_math_sdp: ForceMathSdpOpt = False,
-    use_tf32_matmuls: Tf32Opt = False,
-    base_model: BaseModelOpt = None,
     docs: Annotated[int, typer.Option(help="Sample documents")] = 8,
     trials: Annotated[int, typer.Option(help="Shuffled batchings per check")] = 3,
     min_cosine: Annotated[float, typer.Option(help="Worst row cosine, batched against alone, that passes")] = MIN_COSINE,
+    options: dict | None = None,
 ) -> None:
     """Check that per-example gradients do not depend on batching or padding; name the cheapest flags that pass."""
-    spec = run_spec(model, dataset or "probe texts", split, text_column=text_column, prompt_column=prompt_column,
-                    completion_column=completion_column, conversation_column=conversation_column, precision=precision,
-                    base_model=base_model, force_math_sdp=force_math_sdp, use_tf32_matmuls=use_tf32_matmuls)
+    model, data = MODEL.build(options), DOCTOR_DATA.build(options)
     with console.status("comparing batched and one-at-a-time gradients"):
-        verdicts, duplicated = diagnose(spec.model, spec.data if dataset else None, docs=docs, trials=trials,
-                                        min_cosine=min_cosine)
+        verdicts, duplicated = diagnose(model, data, docs=docs, trials=trials, min_cosine=min_cosine)
     table = Table("settings", "worst cosine, equal lengths", "worst cosine, mixed lengths", "finite", "passes",
                   title=f"batch invariance of per-example gradients ({docs} documents x {trials} trials, pass >= {min_cosine})")
     for verdict in verdicts:

@@ -10,40 +10,29 @@ from rich.markup import escape
 from rich.table import Table
 
 from rayattr.cli.application import app
-from rayattr.cli.options import (AnnMetric, CompletionColumnOpt, ConversationColumnOpt, DatasetOpt, ModelOpt, PromptColumnOpt, RayAddressOpt,
-                                 RunPathArg, SaveConfigOpt, DtypeOpt, SplitOpt, SubsetOpt, TextColumnOpt, VectorDtype, WorkersOpt,
-                                 ZeroStageOpt, run_spec, saved, streams_dataset, user_errors)
-from rayattr.cli.render import console, cut, print_progress, progress_bar
-from rayattr.config import DataSpec, RayattrError, check_zero_stage
+from rayattr.cli.options import (DATA, MODEL, Group, RayAddressOpt, RunPathArg, SaveConfigOpt, choices, run_spec,
+                                 run_with_progress, user_errors, with_options)
+from rayattr.cli.render import console, cut, print_progress
+from rayattr.commands import BuildConfig
+from rayattr.config import DataSpec, GradSpec, RayattrError
+
+BUILD = Group(BuildConfig)
+ALL_GRADS = Group(GradSpec)  # a build stores rows: their dtype and per-token layout too
+QUERY_DATA = Group(DataSpec, include=("split", "subset", "text_column", "prompt_column", "completion_column",
+                                      "conversation_column"))
+AnnMetric = choices("AnnMetric", ("cosine", "dot"))
 
 
 @app.command()
 @user_errors
-@streams_dataset()
-def build(
-    run_path: RunPathArg,
-    model: ModelOpt,
-    dataset: DatasetOpt,
-    workers: WorkersOpt = 1,
-    zero_stage: ZeroStageOpt = 0,
-    dtype: DtypeOpt = VectorDtype.float32,
-    per_token: Annotated[bool, typer.Option(help="One row per token instead of per document")] = False,
-    ray_address: RayAddressOpt = None,
-    save_config: SaveConfigOpt = None,
-    options: dict | None = None,
-) -> None:
+@with_options(MODEL, DATA, ALL_GRADS, BUILD)
+def build(run_path: RunPathArg, ray_address: RayAddressOpt = None, save_config: SaveConfigOpt = None,
+          options: dict | None = None) -> None:
     """Collect per-example (projected) gradients of a dataset into a LanceDB table; reruns resume."""
-    from rayattr.ray.entry import build as run_build
-    from rayattr.runconfig import BuildConfig
-
-    spec = run_spec(model, dataset, **options, dtype=dtype, per_token=per_token)
-    check_zero_stage(zero_stage)
-    if saved(save_config, BuildConfig(run_path, spec, workers, zero_stage)):
-        return
-    with progress_bar("build") as show:
-        result = run_build(run_path, spec, workers=workers, ray_address=ray_address, on_progress=show,
-                           zero_stage=zero_stage)
-    print_progress(f"build {run_path}", result)
+    config = BUILD.build(options, run_path=run_path, spec=run_spec(options, ALL_GRADS))
+    result = run_with_progress(config, "build", save_config, ray_address)
+    if result is not None:
+        print_progress(f"build {run_path}", result)
 
 
 @app.command("verify")
@@ -94,16 +83,11 @@ def index_command(
 
 @app.command("query")
 @user_errors
+@with_options(QUERY_DATA)
 def query_command(
     run_path: RunPathArg,
     text: Annotated[list[str] | None, typer.Option(help="Query text, loss on every token (repeatable)")] = None,
     query_dataset: Annotated[str | None, typer.Option(help="Dataset of queries (same forms as --dataset)")] = None,
-    split: SplitOpt = "train",
-    subset: SubsetOpt = None,
-    text_column: TextColumnOpt = "text",
-    prompt_column: PromptColumnOpt = None,
-    completion_column: CompletionColumnOpt = None,
-    conversation_column: ConversationColumnOpt = None,
     k: Annotated[int, typer.Option("-k", "--k", help="Training rows to show per query")] = 10,
     unit_norm: Annotated[bool, typer.Option("--unit-norm", "--unit-normalize", help="Rank by cosine instead of inner product")] = False,
     hessian: Annotated[str | None, typer.Option("--hessian", "--hessian-path", help="Statistics directory: H^-1 on the query (H^-1/2 both sides with --unit-norm)")] = None,
@@ -111,6 +95,7 @@ def query_command(
     nprobes: Annotated[int, typer.Option(help="IVF partitions searched (--ann)")] = 20,
     refine_factor: Annotated[int, typer.Option(help="Candidates re-ranked exactly, as a multiple of k (--ann)")] = 20,
     model: Annotated[str | None, typer.Option(help="Load the index's model from here instead of its recorded path")] = None,
+    options: dict | None = None,
 ) -> None:
     """Rank the training documents of an index for query texts by gradient similarity."""
     from rayattr.config import from_dict
@@ -124,10 +109,8 @@ def query_command(
         if text:
             labels, queries = text, query_gradients(index.meta, text, model)
         else:
-            data = DataSpec(dataset=query_dataset, split=split, subset=subset, text_column=text_column,
-                            prompt_column=prompt_column, completion_column=completion_column,
-                            conversation_column=conversation_column,
-                            max_length=index.meta.data.get("max_length"), truncation=index.meta.data.get("truncation", False))
+            data = QUERY_DATA.build(options, dataset=query_dataset, max_length=index.meta.data.get("max_length"),
+                                    truncation=index.meta.data.get("truncation", False))
             ids, queries = dataset_gradients(index.meta, data, model)
             labels = row_texts(read_rows(data, ids), data)
     with console.status("searching"):

@@ -130,21 +130,9 @@ class GradientEngine:
         Per-module sizes (also those allocated from a rank budget) are in the
         module layout; a sketch records the length of the concatenation it maps.
         """
-        spec = self.spec
-        meta: dict[str, Any] = {"type": spec.projection_type, "dim": spec.projection_dim, "seed": spec.seed,
-                                "fingerprint": spec.projection_fingerprint()}
-        if spec.sketched:
+        meta = self.spec.projection_fields() | {"fingerprint": self.spec.projection_fingerprint()}
+        if self.spec.sketched:
             meta["input_dim"] = self.collector.width
-        if spec.proj_rank_total is not None:
-            meta |= {"rank_total": spec.proj_rank_total, "rank_min": spec.proj_rank_min}
-        if spec.row_orthonormal:
-            meta["row_orthonormal"] = True
-        if spec.include_bias:
-            meta["include_bias"] = True
-        if spec.loss_reduction != "sum":
-            meta["loss_reduction"] = spec.loss_reduction
-        if spec.loss_fn != "ce":
-            meta["loss_fn"] = spec.loss_fn
         return meta
 
     def rows(self, docs: TokenizedDocs) -> GradientRows:

@@ -9,41 +9,29 @@ above both executors, so neither has to know the other.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Unpack
 
+from rayattr.commands import NormalizerConfig
 from rayattr.config import RayattrError, RunSpec, check_zero_stage
-from rayattr.grads.normalizer import NormalizerKind
+from rayattr.grads.normalizer import Normalizer, NormalizerKind, from_optimizer_state
+from rayattr.hessian.methods import NormalizerFit
+from rayattr.model import load_model
 from rayattr.ray.fit import CHECKPOINT_SECONDS, FitSummary, replica_fit
-from rayattr.ray.pipeline import DOCS_PER_WRITE, replica_build
+from rayattr.ray.pipeline import BuildOptions, replica_build
 from rayattr.ray.progress import BuildProgress
 from rayattr.ray import score as scoring
 from rayattr.ray.score import ScoreResult, ScoreSettings
 from rayattr.ray.zero import zero_build, zero_fit, zero_score
-from rayattr.score import QueryPreprocess
-from rayattr.store import GRADIENTS
 
 
-def build(
-    run_path: str,
-    spec: RunSpec,
-    *,
-    workers: int = 1,
-    ray_address: str | None = None,
-    docs_per_write: int = DOCS_PER_WRITE,
-    on_progress: Callable[[BuildProgress], None] | None = None,
-    table: str = GRADIENTS,
-    query: QueryPreprocess | None = None,
-    zero_stage: int = 0,
-) -> BuildProgress:
-    """Write the gradient table of ``spec.data`` into ``run_path``; resumes an existing one."""
+def build(run_path: str, spec: RunSpec, *, zero_stage: int = 0, **options: Unpack[BuildOptions]) -> BuildProgress:
+    """Write the gradient table of ``spec.data`` into ``run_path`` (one worker unless ``workers``); resumes an
+    existing one."""
     check_zero_stage(zero_stage)
-    if not zero_stage:
-        return replica_build(run_path, spec, workers=workers, ray_address=ray_address, docs_per_write=docs_per_write,
-                             on_progress=on_progress, table=table, query=query)
-    if query is not None:
-        raise RayattrError("query sets are small: reduce them with model replicas (drop --zero-stage)")
-    return zero_build(run_path, spec, workers=workers, ray_address=ray_address, on_progress=on_progress,
-                      docs_per_write=docs_per_write, table=table)
+    options = BuildOptions(workers=1) | options
+    return (zero_build if zero_stage else replica_build)(run_path, spec, **options)
 
 
 def fit(out_dir: str, spec: RunSpec, method: str, *, workers: int = 1, ray_address: str | None = None,
@@ -76,3 +64,14 @@ def score(
     return scoring.score(run_path, query_path, settings, spec=spec, index_path=index_path, workers=workers,
                          ray_address=ray_address, docs_per_write=docs_per_write, on_progress=on_progress,
                          group=on_group if zero_stage else None)
+
+
+def make_normalizer(config: NormalizerConfig, ray_address: str | None = None) -> Normalizer:
+    """Write the normalizer ``config`` describes: moments from an optimizer state, or fitted on full gradients."""
+    if config.optimizer_state:
+        model = load_model(dataclasses.replace(config.model, device="cpu"))
+        from_optimizer_state(config.optimizer_state, model, config.kind, config.grads.include_bias).save(config.out)
+    else:
+        fit(config.out, RunSpec(config.model, config.data, config.grads), NormalizerFit.name, workers=config.workers,
+            ray_address=ray_address, normalizer_kind=config.kind)
+    return Normalizer.load(config.out)

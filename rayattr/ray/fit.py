@@ -22,7 +22,8 @@ from rayattr.grads.normalizer import NormalizerKind
 from rayattr.hessian.methods import FitSummary, StatsPass, check_method, fit_statistics
 from rayattr.hessian.stats import Sums
 from rayattr.ray.checkpoint import PartialWriter, load_partials, pass_directory, remove_partials
-from rayattr.ray.pipeline import prepare, resume_plan, token_stream, user_errors
+from rayattr.ray.pipeline import prepare, token_stream, user_errors
+from rayattr.ray.tablepass import resume_plan
 from rayattr.ray.progress import peak_rss_mb
 from rayattr.ray.combine import eigh_all, tree_sum
 from rayattr.ray.replicas import Job, ReplicaPool, replicas

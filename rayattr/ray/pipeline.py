@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -29,9 +30,10 @@ from rayattr.grads.engine import GradientEngine, engine_for
 from rayattr.model import load_config, load_tokenizer, max_positions, model_skeleton, tokenizer_source
 from rayattr.ray.progress import BuildProgress, count_summaries, summary_rows
 from rayattr.ray.replicas import TOKENIZE_CPUS, Job, replicas
+from rayattr.ray.tablepass import TablePass
 from rayattr.score import QueryPreprocess
 from rayattr.space import TableMeta
-from rayattr.store import GRADIENTS, Completion, GradientTable, table_exists
+from rayattr.store import GRADIENTS, GradientTable
 
 DOCS_PER_WRITE = 256  # documents per replica call: the unit of retries and of the driver's progress
 # Table appends within a batch are bounded by tokens instead: a worker's first append covers one
@@ -198,23 +200,14 @@ def shard_items(shards: list[Shard]) -> list[dict]:
     return [dataclasses.asdict(shard) | {"done_ids": []} for shard in shards]
 
 
-def resume_plan(shards: list[Shard], done: Iterable[np.ndarray] = ()) -> list[dict]:
-    """Shard items with the ids of each already done (streamed from a table's ``iter_ids``,
-    or a checkpoint's); complete shards drop out."""
-    starts = np.array([s.first_id for s in shards], np.int64)
-    done_ids: list[list[np.ndarray]] = [[] for _ in shards]
-    for ids in done:
-        slot = np.searchsorted(starts, ids, side="right") - 1
-        for index in np.unique(slot):
-            if index >= 0:
-                done_ids[index].append(ids[slot == index])
-    items = []
-    for shard, parts in zip(shards, done_ids):
-        done = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
-        done = done[(done >= shard.first_id) & (done < shard.first_id + shard.num_rows)]
-        if len(done) < shard.num_rows:
-            items.append(dataclasses.asdict(shard) | {"done_ids": done.tolist()})
-    return items
+class BuildOptions(TypedDict, total=False):
+    """How a build runs, whichever executor runs it (``entry.build`` passes them on)."""
+
+    workers: int
+    ray_address: str | None
+    docs_per_write: int
+    on_progress: Callable[[BuildProgress], None] | None
+    table: str
 
 
 def replica_build(
@@ -231,41 +224,14 @@ def replica_build(
     """Write the gradient table of ``spec.data`` into ``run_path`` with a pool of model
     replicas; resumes an existing one. (``rayattr.ray.entry.build`` also runs ZeRO-3.)"""
     progress = BuildProgress(total_docs=0)
-    items, shards = plan_build(run_path, spec, ray_address, table, progress, workers)
-    if items:
+    tables = TablePass(run_path, {table: GradientTable}, prepare(spec, ray_address, workers))
+    if tables.start(progress):
         pool = replicas(workers)
         job = Job(GradientWorker, dict(spec=spec, run_path=run_path, threads=pool.resources.threads, table=table, query=query))
-        drain(pool.map(job, token_stream(spec, items), docs_per_write), progress, on_progress)
-    finish_build(run_path, table, progress, shards)
+        drain(pool.map(job, token_stream(spec, tables.items), docs_per_write), progress, on_progress)
+    tables.finish(progress)
     progress.finish()
     return progress
-
-
-def plan_build(run_path: str, spec: RunSpec, ray_address: str | None, table: str,
-               progress: BuildProgress, workers: int, replicated: bool = True) -> tuple[list[dict], list[Shard]]:
-    """The shard items a build still has to write (ids already in the table drop out) and all
-    the dataset's shards; sets ``progress.total_docs`` and marks the table partial."""
-    shards = prepare(spec, ray_address, workers, start_replicas=replicated)
-    items = resume_plan(shards, GradientTable.open(run_path, table).iter_ids() if table_exists(run_path, table) else ())
-    progress.total_docs = sum(s["num_rows"] - len(s["done_ids"]) for s in items)
-    Completion.clear(run_path, table)
-    return items, shards
-
-
-def finish_build(run_path: str, table: str, progress: BuildProgress, shards: list[Shard]) -> None:
-    """Repair rows committed twice (retried blocks, leftover workers), compact the table, and
-    record it complete. Skipped documents are re-read by every resume, so this run saw them all."""
-    written = GradientTable.open(run_path, table)
-    record = completion(table, shards, progress)
-    progress.duplicates_removed = written.deduplicate(record.rows)
-    written.optimize()
-    record.save(run_path)
-
-
-def completion(table: str, shards: list[Shard], progress: BuildProgress) -> Completion:
-    """The completion record of a pass over ``shards`` whose summaries ``progress`` counted."""
-    return Completion.of_shards(table, [(s.first_id, s.num_rows) for s in shards], progress.skipped_ids,
-                                progress.non_finite_ids)
 
 
 def drain(summaries: Iterable[pa.Table], progress: BuildProgress, on_progress: Callable[[BuildProgress], None] | None) -> None:

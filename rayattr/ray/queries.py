@@ -15,31 +15,9 @@ import torch
 
 from rayattr.config import RayattrError
 from rayattr.hessian.precondition import Preconditioner
-from rayattr.score import Preprocess, ScoreMode, Scorer, SelfScorer, canonical_mode
+from rayattr.score import Preprocess, ScoreSettings, Scorer, SelfScorer
 from rayattr.space import TableMeta
 from rayattr.store import GradientTable, require_compatible
-
-
-@dataclass(frozen=True)
-class ScoreSettings:
-    """How training rows are scored against the queries."""
-
-    mode: ScoreMode = "individual"
-    unit_normalize: bool = False  # cosine: H^-1/2 (if any) then unit norm on both sides
-    hessian: str | None = None
-    per_token: bool = False
-    top_k: int = 50
-    query_batch_size: int = 1024
-    keep_gradients: bool = False  # on the fly: also write the raw training gradients (table ``gradients``)
-    self_influence: bool = False  # each row's g^T H^-1 g instead of scores against queries
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "mode", canonical_mode(self.mode))
-        if self.top_k < 1 or self.query_batch_size < 1:
-            raise RayattrError(f"--top-k and --query-batch-size must be >= 1, got {self.top_k} and {self.query_batch_size}")
-        if self.self_influence and (self.unit_normalize or self.per_token):
-            raise RayattrError("--self scores each document's g^T H^-1 g: drop --unit-normalize (a cosine with "
-                               "itself is 1) and --per-token")
 
 
 @dataclass

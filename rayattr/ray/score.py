@@ -24,15 +24,15 @@ from rayattr.codec import RowCodec, vectors_of
 from rayattr.config import RayattrError, RunSpec, stable_hash
 from rayattr.data import TokenizedDocs
 from rayattr.grads.engine import GradientEngine, engine_for
-from rayattr.ray.pipeline import completion, drain, ensure_ray, prepare, replica_build, resume_plan, token_stream
+from rayattr.ray.pipeline import drain, ensure_ray, prepare, replica_build, token_stream
 from rayattr.ray.progress import BuildProgress, summary_rows
 from rayattr.ray.queries import QuerySet, ScoreSettings, SelfInfluence, load_queries, self_influence
 from rayattr.ray.replicas import TOKENIZE_CPUS, Job, replicas
+from rayattr.ray.tablepass import TablePass
 from rayattr.score import Aggregation, QueryPreprocess, aggregate
 from rayattr.space import TableMeta
 from rayattr.store import (
-    GRADIENTS, META_KEY, Completion, SCORES, TOKEN_SCORES, TOPK, GradientTable, ScoreMeta, ScoreTable, connect,
-    table_exists,
+    GRADIENTS, META_KEY, SCORES, TOKEN_SCORES, TOPK, GradientTable, ScoreMeta, ScoreTable, connect, table_exists,
 )
 from rayattr.topk import TopK
 
@@ -196,17 +196,18 @@ def score(
                   "queries": queries.fingerprint, "index": index_path or stable_hash(dataclasses.asdict(spec.data))},
     )
     table = ScoreTable.create(run_path, meta, SCORES)
+    outputs: dict = {SCORES: ScoreTable}  # scores last in a batch: resume reads them
     if settings.per_token:
         ScoreTable.create(run_path, dataclasses.replace(meta, per_token=True), TOKEN_SCORES)
-    outputs = [SCORES] + [TOKEN_SCORES] * settings.per_token + [GRADIENTS] * (spec is not None and settings.keep_gradients)
-    for name in outputs:
-        Completion.clear(run_path, name)
+        outputs[TOKEN_SCORES] = ScoreTable
+    if spec is not None and settings.keep_gradients:
+        outputs[GRADIENTS] = GradientTable  # created by the workers that compute them
     if spec is not None:
-        items = resume_plan(shards, table.iter_ids())
-        progress.total_docs = sum(s["num_rows"] - len(s["done_ids"]) for s in items)
-        dataset = token_stream(spec, items) if items else None
+        tables = TablePass(run_path, outputs, shards)
+        dataset = token_stream(spec, tables.items) if tables.start(progress) else None
     else:
-        dataset = _index_stream(run_path, index, table, meta, progress)
+        tables = TablePass(run_path, outputs, rows=index.count())
+        dataset = _index_stream(run_path, index, table, meta) if tables.start(progress) else None
     if dataset is not None and group is not None:
         group(spec, dataset, ray.put(queries), progress)
     elif dataset is not None:
@@ -214,14 +215,7 @@ def score(
         job = Job(ScoringWorker, {"run_path": run_path, "threads": pool.resources.threads, "queries": ray.put(queries),
                                   "settings": settings, "spec": spec, "index": None if spec is not None else index.codec})
         drain(pool.map(job, dataset, docs_per_write if spec is not None else INDEX_ROWS_PER_BATCH), progress, on_progress)
-    for name in outputs:
-        if not table_exists(run_path, name):  # kept gradients: no worker started
-            continue
-        repaired = GradientTable.open(run_path) if name == GRADIENTS else ScoreTable.open(run_path, name)
-        record = completion(name, shards, progress) if spec is not None else Completion(name, index.count())
-        progress.duplicates_removed += repaired.deduplicate(record.rows)
-        repaired.optimize()
-        record.save(run_path)
+    tables.finish(progress)
     top = distributed_topk(ScoreTable.open(run_path, SCORES), settings.top_k)
     write_topk(run_path, top, np.asarray(meta.query_ids), meta)
     progress.finish()
@@ -243,16 +237,11 @@ def _checked_index(index_path: str, queries: QuerySet | SelfInfluence, settings:
     return index
 
 
-def _index_stream(run_path: str, index: GradientTable, table: ScoreTable, meta: ScoreMeta,
-                  progress: BuildProgress) -> ray.data.Dataset | None:
-    """Batches of the gradient table; a complete score table is kept, a partial one is redone."""
-    total = index.count()
-    if table.count() == total:
-        return None
+def _index_stream(run_path: str, index: GradientTable, table: ScoreTable, meta: ScoreMeta) -> ray.data.Dataset:
+    """Batches of the gradient table, into a score table emptied of a partial earlier pass."""
     if table.count():
         connect(run_path).drop_table(SCORES)
         ScoreTable.create(run_path, meta, SCORES)
-    progress.total_docs = total
     return ray.data.read_lance(index.lance_uri, columns=["id", "num_tokens", *index.codec.columns], num_cpus=TOKENIZE_CPUS)
 
 

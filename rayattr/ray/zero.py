@@ -38,14 +38,14 @@ from rayattr.hessian.methods import FitSummary, StatsPass, check_method, fit_sta
 from rayattr.hessian.stats import Sums
 from rayattr.ray.fit import DOCS_PER_STEP, same_meta
 from rayattr.ray.lockstep import Step, run_lockstep
-from rayattr.ray.pipeline import (DOCS_PER_WRITE, GradientWorker, finish_build, plan_build, prepare, shard_items,
-                                  token_stream, user_errors)
+from rayattr.ray.pipeline import DOCS_PER_WRITE, GradientWorker, prepare, shard_items, token_stream, user_errors
 from rayattr.ray.progress import BuildProgress, count_summaries, peak_rss_mb
 from rayattr.ray.combine import eigh_all, tree_sum
 from rayattr.ray.replicas import WorkerResources, release_replicas
 from rayattr.ray.score import ScoringWorker
+from rayattr.ray.tablepass import TablePass
 from rayattr.space import TableMeta
-from rayattr.store import GRADIENTS, SCORES, committed_ids
+from rayattr.store import GRADIENTS, SCORES, GradientTable, committed_ids
 
 DOCS = "docs"  # the Ray Train dataset name of the token stream
 POLL_SECONDS = 0.5  # how often the driver collects build summaries while the group runs
@@ -330,11 +330,11 @@ def zero_build(
     Same table, rows and metadata as replica mode; resumes an existing table the same way.
     """
     progress = ZeroBuildProgress(total_docs=0)
-    items, shards = plan_build(run_path, spec, ray_address, table, progress, workers, replicated=False)
-    if items:
+    tables = TablePass(run_path, {table: GradientTable}, prepare(spec, ray_address, workers, start_replicas=False))
+    if tables.start(progress):
         job = _WriteRows(run_path, table, docs_per_write)
-        progress.workers = drain_group(spec, token_stream(spec, items), workers, job, progress, on_progress)
-    finish_build(run_path, table, progress, shards)
+        progress.workers = drain_group(spec, token_stream(spec, tables.items), workers, job, progress, on_progress)
+    tables.finish(progress)
     progress.finish()
     return progress
 

@@ -23,7 +23,6 @@ from rayattr.store import (
     GRADIENTS,
     META_KEY,
     GradientTable,
-    TableMeta,
     gradient_schema,
     require_compatible,
 )

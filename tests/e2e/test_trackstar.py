@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_rows_close
 from typer.testing import CliRunner
 
 from rayattr.api import collect_in_process, open_index
@@ -114,7 +113,7 @@ def test_normalizer_fitted_from_data_at_the_default_row_dtype(offline_fixture, r
 
 
 def test_analysis_example_reads_the_run_without_rayattr(run, offline_fixture):
-    script = Path(__file__).parents[1] / "examples" / "analysis.py"
+    script = Path(__file__).parents[2] / "examples" / "analysis.py"
     assert not re.search(r"^\s*(from|import) rayattr", script.read_text(), re.MULTILINE)
     done = subprocess.run([sys.executable, str(script), "--run", run, "--train", str(offline_fixture.train), "--example", "5"],
                           capture_output=True, text=True, check=True)

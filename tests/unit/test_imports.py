@@ -10,9 +10,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "rayattr"
+PACKAGE = Path(__file__).resolve().parents[2] / "rayattr"
 RAY_FREE = ("rayattr.grads", "rayattr.hessian", "rayattr.score", "rayattr.config", "rayattr.chat", "rayattr.data", "rayattr.model",
-            "rayattr.storage", "rayattr.space", "rayattr.codec", "rayattr.store")
+            "rayattr.storage", "rayattr.space", "rayattr.codec", "rayattr.store", "rayattr.commands")
 # The layers, bottom first; a module (or package) may import its own layer and those below.
 LAYERS = (
     ("rayattr", "rayattr.config"),
@@ -20,7 +20,7 @@ LAYERS = (
     ("rayattr.configfile", "rayattr.codec", "rayattr.grads"),
     ("rayattr.hessian",),
     ("rayattr.score", "rayattr.topk"),
-    ("rayattr.store",),
+    ("rayattr.store", "rayattr.commands"),
     ("rayattr.search", "rayattr.verify", "rayattr.doctor"),
     ("rayattr.ray",),
     ("rayattr.trackstar",),

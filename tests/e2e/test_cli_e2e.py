@@ -1,4 +1,5 @@
-"""`rayattr build` / `rayattr fixture` through Typer's CliRunner: outputs and one-line errors."""
+"""`rayattr build` / `rayattr fixture` and the other commands through Typer's CliRunner (and one
+child process): outputs and one-line errors."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import cli_build as _build
 from typer.testing import CliRunner
 
 from rayattr.api import open_index
@@ -17,10 +19,6 @@ from rayattr.cli import app
 from rayattr.config import VERBOSE_ENV, verbose
 
 runner = CliRunner()
-
-
-def _build(run: str, model: str, dataset: str, *extra: str):
-    return runner.invoke(app, ["build", run, "--model", model, "--dataset", dataset, "--projection-dim", "4", *extra])
 
 
 def test_build_writes_the_table(ray_session, tmp_path, offline_fixture):
@@ -47,14 +45,6 @@ def test_default_output_is_rayattrs_own(tmp_path, offline_fixture):
     output = done.stdout + done.stderr
     for noise in (" INFO ", " WARNING ", "Loading weights", "(Replica pid="):
         assert noise not in output, output[-2000:]
-
-
-def test_rayattr_warnings_print_as_one_line():
-    script = ("import warnings; from rayattr.config import RayattrWarning, one_line_warnings; one_line_warnings(); "
-              "one_line_warnings(); warnings.warn('lambda saturated; pass --x', RayattrWarning); warnings.warn('other')")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    lines = done.stderr.splitlines()
-    assert lines == ["warning: lambda saturated; pass --x", "<string>:1: UserWarning: other"]  # others keep their form
 
 
 def test_verbose_flag_reaches_every_library(tmp_path, monkeypatch):
@@ -194,16 +184,3 @@ def test_save_config_then_run_it(ray_session, tmp_path, offline_fixture):
     assert open_index(run).count() == 12
     wrong = runner.invoke(app, ["run", str(tmp_path / "missing.yaml")])
     assert wrong.exit_code == 1 and "cannot read run config" in wrong.output
-
-
-def test_zero_stage_flag_is_saved_and_checked(tmp_path, offline_fixture):
-    from rayattr.runconfig import load_config
-
-    config = tmp_path / "build.yaml"
-    saved = _build(str(tmp_path / "run"), str(offline_fixture.neox), str(offline_fixture.train),
-                   "--workers", "2", "--zero-stage", "3", "--save-config", str(config))
-    assert saved.exit_code == 0, saved.output
-    assert load_config(config)[1].zero_stage == 3  # `rayattr run` and jobs/build.py partition the model too
-    refused = _build(str(tmp_path / "run"), str(offline_fixture.neox), str(offline_fixture.train), "--zero-stage", "1")
-    assert refused.exit_code == 1 and "--zero-stage 1 is not supported" in " ".join(refused.output.split())
-    assert not (tmp_path / "run").exists()

@@ -1,5 +1,6 @@
 """Fast Walsh-Hadamard transform and structured sketches: against explicit matrices, determinism,
-unbiasedness, and the engine's sketched rows against the sketch of exact gradients."""
+unbiasedness, and the engine's sketched rows against the sketch of exact gradients (no Ray; the Ray
+fit's refusal of sketched rows is in ``tests/ray/test_sketch_ray.py``)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,11 @@ import pytest
 import torch
 
 from helpers import assert_rows_close, engine_rows
-from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec
+from rayattr.config import DataSpec, GradSpec, RayattrError
 from rayattr.data import TokenizedDocs
 from rayattr.grads.engine import GradientEngine
 from rayattr.grads.hadamard import fwht, next_pow2
 from rayattr.grads.sketch import SKETCHES, DenseSketch, Sketch, make_sketch
-from rayattr.ray.entry import fit
 from rayattr.store import require_compatible
 
 KINDS = tuple(SKETCHES)
@@ -212,9 +212,3 @@ def test_mismatched_sketch_query_is_refused(load_fixture_model):
                   {"projection_type": "rademacher", "projection_dim": 8}):
         with pytest.raises(RayattrError, match="projection"):
             require_compatible(index, meta(**({"projection_dim": 64} | other)))
-
-
-def test_statistics_refuse_sketched_rows(tmp_path):
-    spec = RunSpec(ModelSpec("m"), DataSpec("d"), GradSpec(projection_dim=64, projection_type="qk"))
-    with pytest.raises(RayattrError, match="per module.*qk sketch"):
-        fit(str(tmp_path), spec, "second-moment")

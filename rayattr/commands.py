@@ -1,0 +1,139 @@
+"""Every command's configuration: each user-settable field once, with its default and its help text.
+
+A command's config is a frozen dataclass; its YAML form (``rayattr.configfile``)
+is what ``--save-config`` writes and ``rayattr run`` / ``jobs/`` replay, and the
+command line makes its options from the same fields (``rayattr.cli.options``
+reads each field's ``setting`` metadata). The specs they nest (``ModelSpec``,
+``DataSpec``, ``GradSpec``) and the scoring settings live beside the code that
+validates them (``rayattr.config``, ``rayattr.score``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from rayattr.config import (
+    TRACKSTAR_GRADS, DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec, check_zero_stage, setting, shared, stable_hash,
+    to_dict,
+)
+from rayattr.configfile import config_command
+from rayattr.grads.normalizer import NormalizerKind
+from rayattr.hessian.factors import TARGET_DOWNWEIGHT_COMPONENTS
+from rayattr.hessian.methods import HessianMethod, SecondMoment
+from rayattr.score import QueryPreprocess, ScoreSettings
+
+NormalizerChoice = Literal["auto", "adafactor", "adam", "none"]
+
+
+@config_command("normalizer")
+@dataclass(frozen=True)
+class NormalizerConfig:
+    """`rayattr normalizer`: Adam/Adafactor moments for `build --normalizer` in ``out``, from an optimizer state
+    or fitted as mean squared full gradients of ``data`` (``grads`` says which modules and how the loss is taken)."""
+
+    out: str
+    model: ModelSpec
+    data: DataSpec | None = None
+    grads: GradSpec = field(default_factory=lambda: GradSpec(projection_dim=0))
+    optimizer_state: str | None = shared("optimizer_state")
+    kind: NormalizerKind = setting("adafactor", "adafactor (row/col moments) or adam (elementwise)")
+    workers: int = shared("workers")
+
+    def __post_init__(self) -> None:
+        if (self.optimizer_state is None) == (self.data is None):
+            raise RayattrError("pass exactly one of --optimizer-state PATH or --dataset D")
+        if self.grads.projection_dim:
+            raise RayattrError("a normalizer is fitted on full gradients: --projection-dim 0")
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    """A pass of ``spec.data`` through model replicas, or through a ZeRO-3 group, into ``run_path``."""
+
+    run_path: str
+    spec: RunSpec
+    workers: int = shared("workers")
+    zero_stage: int = shared("zero_stage")
+
+    def __post_init__(self) -> None:
+        check_zero_stage(self.zero_stage)
+
+
+@config_command("build")
+@dataclass(frozen=True)
+class BuildConfig(PassConfig):
+    """`rayattr build`: the gradient table of ``spec.data`` in ``run_path``."""
+
+
+@config_command("hessian")
+@dataclass(frozen=True)
+class HessianConfig(PassConfig):
+    """`rayattr hessian`: statistics of ``spec.data`` in ``run_path``/stats."""
+
+    method: str = setting(SecondMoment.name, "second-moment (any projection), kfac or ekfac", choices=tuple(
+        name for name, method in HessianMethod.registry.items() if method.preconditions))
+
+
+@config_command("reduce")
+@dataclass(frozen=True)
+class ReduceConfig:
+    """`rayattr reduce`: the query vectors of ``spec.data`` in ``run_path``, preprocessed by ``preprocess``."""
+
+    run_path: str
+    spec: RunSpec
+    preprocess: QueryPreprocess = dataclasses.field(default_factory=QueryPreprocess)
+    workers: int = shared("workers")
+
+
+@config_command("score")
+@dataclass(frozen=True)
+class ScoreConfig(PassConfig):
+    """`rayattr score`: ``spec`` scores on the fly, ``index_path`` scores a built table."""
+
+    spec: RunSpec | None = None  # None: score the table at ``index_path``
+    query_path: str | None = setting(None, "Run path of `rayattr reduce` (its gradients table are the queries)")
+    settings: ScoreSettings = dataclasses.field(default_factory=ScoreSettings)
+    index_path: str | None = setting(None, "Score a `rayattr build` table instead of recomputing")
+
+
+@config_command("trackstar")
+@dataclass(frozen=True)
+class TrackstarSpec:
+    """Everything a TrackStar run needs; its YAML form is what ``rayattr run`` reads."""
+
+    run_path: str
+    model: ModelSpec
+    train: DataSpec
+    query: DataSpec
+    grads: GradSpec = field(default_factory=lambda: TRACKSTAR_GRADS)
+    # auto: Adafactor from optimizer_state when given, else none (Bergson's convention; without
+    # an optimizer state, none beat an Adafactor fitted from data: benchmarks/trackstar_sweep.py)
+    normalizer: NormalizerChoice = setting("auto", "Normalizer kind; auto: adafactor from --optimizer-state when "
+                                                   "given, else none")
+    optimizer_state: str | None = shared("optimizer_state")
+    stats_sample_size: int | None = setting(10_000, "First N training rows for the index statistics")
+    target_downweight_components: int = setting(TARGET_DOWNWEIGHT_COMPONENTS, "Eigen-rank at which query and index "
+                                                                              "spectra cross")
+    mix: bool = setting(True, "Mix query and index second moments (--no-mix: index only)")
+    top_k: int = shared("top_k")
+    query_batch_size: int = shared("query_batch_size")
+    per_token: bool = shared("per_token_scores")
+    keep_gradients: bool = shared("keep_gradients")
+    workers: int = shared("workers")
+
+    def __post_init__(self) -> None:
+        if self.normalizer not in get_args(NormalizerChoice):
+            raise RayattrError(f"unknown normalizer {self.normalizer!r}; choose auto, adafactor, adam or none")
+        if self.normalizer == "auto":
+            object.__setattr__(self, "normalizer", "adafactor" if self.optimizer_state else "none")
+        if self.optimizer_state and self.normalizer == "none":
+            raise RayattrError("--optimizer-state makes a normalizer: choose --normalizer adafactor or adam with it")
+        if self.grads.normalizer:
+            raise RayattrError("trackstar makes its own normalizer; use --optimizer-state or --normalizer, not a directory")
+
+    @property
+    def fingerprint(self) -> str:
+        """What decides the results (not the worker count)."""
+        return stable_hash(to_dict(dataclasses.replace(self, workers=1)))
