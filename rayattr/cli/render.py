@@ -32,12 +32,15 @@ def print_progress(title: str, result) -> None:
     """The summary table of a streaming pass (build, reduce, score)."""
     summary = Table("", "value", title=title)
     first = "-" if result.first_row_seconds is None else f"{result.first_row_seconds:.1f} s"
+    if result.first_row_after_load_seconds is not None:
+        first += f" ({result.first_row_after_load_seconds:.1f} s after its worker loaded the model)"
+    steady = "-" if result.steady_tokens_per_second is None else f"{result.steady_tokens_per_second:,.0f}"
     for key, value in [
         ("documents processed", f"{result.docs:,}"), ("rows written", f"{result.written:,}"),
         ("skipped (no loss token)", f"{result.skipped:,}"),
         ("excluded (NaN/Inf loss or gradient)", f"{len(result.non_finite_ids):,}"), ("tokens", f"{result.tokens:,}"),
         ("wall time", f"{result.seconds:.1f} s"), ("tokens/s (end to end)", f"{result.tokens_per_second:,.0f}"),
-        ("first row written after", first),
+        ("tokens/s (steady: after each worker's first write)", steady), ("first row written after", first),
     ]:
         summary.add_row(key, value)
     Console().print(summary)

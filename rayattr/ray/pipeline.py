@@ -112,6 +112,7 @@ class GradientWorker:
         # node that loaded a different checkpoint fails instead of mixing rows.
         self.table = GradientTable.create(run_path, meta, table)
         self.appended = False  # whether this worker has appended rows yet
+        self.ready_at = time.time()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids = batch.column("id").to_numpy().astype(np.int64)
@@ -126,7 +127,7 @@ class GradientWorker:
             written[part] = np.isin(part_docs.ids, rows.ids)
             non_finite[part] = np.isin(part_docs.ids, rows.non_finite)
             written_at[part] = time.time()
-        return summary_rows(ids, batch.column("num_tokens"), written, non_finite, written_at)
+        return summary_rows(ids, batch.column("num_tokens"), written, non_finite, written_at, self.ready_at)
 
     def passes(self, batch: pa.Table) -> int:
         """How many forward+backward passes the next ``__call__(batch)`` runs: ZeRO-3 workers

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -111,6 +112,7 @@ class ScoringWorker:
                 self.gradients = GradientTable.create(run_path, meta)
         self.scores = ScoreTable.open(run_path, SCORES)
         self.token_scores = ScoreTable.open(run_path, TOKEN_SCORES) if settings.per_token else None
+        self.ready_at = time.time()
 
     def passes(self, batch: pa.Table) -> int:
         """How many forward+backward passes ``__call__(batch)`` runs (ZeRO-3 lock-step)."""
@@ -122,7 +124,7 @@ class ScoringWorker:
             num_tokens = batch.column("num_tokens").to_numpy()
             scores = self.scorer.score(torch.from_numpy(self.index.decode(batch).copy()))
             self.scores.append(_score_rows(ids, num_tokens, scores))
-            return summary_rows(ids, batch.column("num_tokens"), np.ones(len(ids), bool))
+            return summary_rows(ids, batch.column("num_tokens"), np.ones(len(ids), bool), ready_at=self.ready_at)
         docs = TokenizedDocs.from_arrow(batch)
         rows = self.engine.rows(docs)
         if self.gradients is not None:  # before the scores: a resumed batch rewrites both, dedup repairs
@@ -138,7 +140,7 @@ class ScoringWorker:
             lengths[row_doc] = rows.num_tokens
             self.scores.append(_score_rows(doc_ids, lengths, per_doc))
         return summary_rows(docs.ids, batch.column("num_tokens"), np.isin(docs.ids, rows.ids),
-                            np.isin(docs.ids, rows.non_finite))
+                            np.isin(docs.ids, rows.non_finite), ready_at=self.ready_at)
 
 
 def _score_rows(ids: np.ndarray, num_tokens: np.ndarray, scores: torch.Tensor, token_pos: np.ndarray | None = None) -> pa.Table:
