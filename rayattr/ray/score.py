@@ -251,16 +251,29 @@ def _block_topk(batch: pa.Table, k: int) -> pa.Table:
     """Ray Data UDF: one row holding a block's top-k per query."""
     if not batch.num_rows:
         return pa.table({"ids": pa.array([], pa.list_(pa.int64())), "scores": pa.array([], pa.list_(pa.float32()))})
-    column = batch.column("scores")
-    top = TopK.of_block(k, batch.column("id").to_numpy(), vectors_of(column, column.type.list_size))
+    top = _topk_of(batch, k)
     return pa.table({"ids": [top.ids.reshape(-1)], "scores": [top.scores.reshape(-1)]})
 
 
+def _topk_of(batch: pa.Table | pa.RecordBatch, k: int) -> TopK:
+    column = batch.column("scores")
+    return TopK.of_block(k, batch.column("id").to_numpy(), vectors_of(column, column.type.list_size))
+
+
 def distributed_topk(table: ScoreTable, k: int) -> TopK:
-    """Top-k per query of a score table: per-block top-k on Ray tasks, merged on the driver."""
+    """Top-k per query of a score table: per-block top-k on Ray tasks, merged on the driver.
+
+    A table of at most one block streams through the driver instead: a Ray Data
+    execution costs seconds to start (5.7 s on 384 rows, 2 cores), the merge milliseconds.
+    """
     width = table.meta.width
     merged = TopK.empty(k, width)
-    if not table.count():
+    rows = table.count()
+    if not rows:
+        return merged
+    if rows <= TOPK_BLOCK_ROWS:
+        for batch in table.iter_batches(["id", "scores"]):
+            merged = merged.merge(_topk_of(batch, k))
         return merged
     blocks = ray.data.read_lance(table.lance_uri, columns=["id", "scores"], num_cpus=TOKENIZE_CPUS).map_batches(
         _block_topk, batch_size=TOPK_BLOCK_ROWS, batch_format="pyarrow", fn_kwargs={"k": k}, num_cpus=TOKENIZE_CPUS,

@@ -10,6 +10,7 @@ runs the real Ray pipeline: ``fit`` for the normalizer and the statistics,
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from helpers import read_scores
@@ -20,7 +21,8 @@ from rayattr.data import plan_shards, read_shard, tokenize
 from rayattr.grads.normalizer import ADAFACTOR_EPS, ADAM_EPS, Normalizer
 from rayattr.ray.entry import build, fit, score
 from rayattr.ray.score import ScoreSettings, reduce
-from rayattr.store import ScoreTable
+import rayattr.ray.score as ray_score
+from rayattr.store import SCORES, ScoreMeta, ScoreTable
 from rayattr.topk import TopK
 
 MODULES = ("*.attention.dense", "*.mlp.dense_4h_to_h")
@@ -271,3 +273,20 @@ def test_query_dim_and_empty_query_set_are_refused(fixture_run, offline_fixture)
                                           max_length=1, truncation=True), index.grads)
     with pytest.raises(RayattrError, match="produced no gradients"):
         reduce(str(root / "empty-query"), empty, aggregation="mean")
+
+
+@pytest.mark.parametrize("block_rows", [None, 16])
+def test_topk_of_a_score_table_equals_one_sort(ray_session, tmp_path, monkeypatch, block_rows):
+    """Streamed on the driver (a table of one block) or per block on Ray tasks (more blocks): the same top-k."""
+    if block_rows is not None:
+        monkeypatch.setattr(ray_score, "TOPK_BLOCK_ROWS", block_rows)
+    rng = np.random.default_rng(0)
+    ids, scores = rng.permutation(70).astype(np.int64), rng.standard_normal((70, 3)).astype(np.float32)
+    table = ScoreTable.create(str(tmp_path), ScoreMeta(width=3, per_token=False, query_ids=[5, 6, 7], settings={}), SCORES)
+    for part in np.array_split(np.arange(70), 4):  # several fragments
+        table.append(pa.table({"id": ids[part], "num_tokens": np.ones(len(part), np.int32),
+                               "scores": pa.FixedSizeListArray.from_arrays(pa.array(scores[part].reshape(-1)), 3)}))
+    got = ray_score.distributed_topk(ScoreTable.open(str(tmp_path)), 5)
+    want = TopK.of_block(5, ids, scores)
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_array_equal(got.scores, want.scores)
