@@ -5,13 +5,16 @@ untied; random init, the fixture tokenizer), documents of ~313 tokens packed
 from the fixture's training text, projection 16, token batches of 512, fp32,
 ``embed_out`` excluded, no normalizer. Each tool runs as its own command line
 from a cold start (``rayattr build`` starts its own local Ray; ``bergson
-build`` one process), rayattr with 1 and 2 workers, interleaved over rounds.
+build`` one process), rayattr with 1 and 2 workers, and with 2 workers joining
+a Ray that ``ray start --head`` left running (as on a cluster; started and
+stopped outside the timing, its processes outside the RSS), interleaved over
+rounds.
 
 Per run: wall time from launch to exit, tokens/s over that wall, peak RSS of
 the command's whole process tree (Ray's processes and workers included,
-sampled every 0.25 s), and for rayattr the first row after launch and the
-steady rate (rows written between the first row and the last, read from its
-LanceDB table while it runs). Bergson writes a preallocated memory map, so
+sampled every 0.25 s), and for rayattr the first row after launch and after its
+worker loaded the model (from its summary) and the steady rate (rows written
+between the first row and the last, read from its LanceDB table while it runs). Bergson writes a preallocated memory map, so
 neither can be observed from outside for it.
 
     PYTHONPATH=benchmarks:. python benchmarks/same_job.py [--size small|medium|full] [--rounds 1]
@@ -25,11 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,6 +52,7 @@ from rayattr.store import GRADIENTS
 
 MIN_TOKENS = 300  # packed documents of 300 tokens or more: ~313 on average
 SIZES = {"small": 200, "medium": 2_000, "full": 20_000}
+JOINED = "joining a running Ray"  # tool-name suffix: `ray start --head` before the command, not timed
 POLL_SECONDS = 0.25
 
 
@@ -58,6 +65,7 @@ class Run:
     wall_s: float
     peak_rss_mb: float
     first_row_s: float | None = None  # after launch
+    first_row_after_load_s: float | None = None  # after the writing worker had its model loaded (rayattr's summary)
     steady_docs_per_s: float | None = None  # rows written between the first row and the last
 
 
@@ -82,12 +90,35 @@ def watch(argv: list[str], env: dict[str, str] | None, table_dir: Path | None, d
         tail = "\n".join(log.read_text().splitlines()[-30:])
         raise SystemExit(f"{argv[0]} failed with exit status {child.returncode}; end of {log}:\n{tail}")
     run = Run(Path(argv[0]).name, 0, wall, peak)
+    if table_dir is not None:  # this run's summary is the last in the log
+        run.first_row_after_load_s = first_row_after_load(log.read_text().rsplit("\n$ ", 1)[-1])
     if samples:
         run.first_row_s = samples[0][0]
         last = next((s for s in samples if s[1] >= docs), samples[-1])
         if last[0] > samples[0][0]:
             run.steady_docs_per_s = (last[1] - samples[0][1]) / (last[0] - samples[0][0])
     return run
+
+
+def first_row_after_load(output: str) -> float | None:
+    """Seconds from model load to first row, from a ``rayattr build`` summary table (cells may wrap)."""
+    text = " ".join(output.replace("│", " ").split())
+    found = re.findall(r"\(([0-9.]+) s after its worker loaded the model\)", text)
+    return float(found[-1]) if found else None
+
+
+@contextmanager
+def ray_running(start: bool) -> Iterator[None]:
+    """A local Ray left running by ``ray start --head`` (outside the timing), which the command joins."""
+    if not start:
+        yield
+        return
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    subprocess.run([ray_cli, "start", "--head", "--include-dashboard=false"], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], check=True, capture_output=True)
 
 
 def tree_rss_mb(root: psutil.Process) -> float:
@@ -115,7 +146,7 @@ def commands(tool: str, root: Path, corpus: Path, jsonl: Path, model: Path, berg
     precision = "bf16" if device == "cuda" else "fp32"
     run = root / tag
     if tool.startswith("rayattr"):
-        workers = tool.split()[1]
+        workers = tool.split()[1]  # "rayattr 2" or "rayattr 2 joining a running Ray"
         argv = [str(Path(sys.executable).with_name("rayattr")), "build", str(run), "--model", str(model),
                 "--dataset", str(corpus), "--projection-dim", "16", "--token-batch-size", "512", "--precision", precision,
                 "--exclude-modules", "embed_out", "--workers", workers]
@@ -136,18 +167,22 @@ def summary_table(tokens: int, docs: int, runs: list[Run], title: str) -> tuple[
     for tool in tools:
         mine = [r for r in runs if r.tool == tool]
         first = [r.first_row_s for r in mine if r.first_row_s is not None]
+        after_load = [r.first_row_after_load_s for r in mine if r.first_row_after_load_s is not None]
         steady = [r.steady_docs_per_s for r in mine if r.steady_docs_per_s is not None]
         medians[tool] = {"wall_s": statistics.median(r.wall_s for r in mine),
                          "peak_rss_mb": statistics.median(r.peak_rss_mb for r in mine),
                          "first_row_s": statistics.median(first) if first else None,
+                         "first_row_after_load_s": statistics.median(after_load) if after_load else None,
                          "steady_tokens_per_s": statistics.median(steady) * tokens / docs if steady else None}
     bergson = medians["bergson"]["wall_s"]
-    table = Table("tool", "wall s", "x Bergson", "tokens/s", "steady tokens/s", "first row s", "peak RSS MiB",
-                  title=title)
+    table = Table("tool", "wall s", "x Bergson", "tokens/s", "steady tokens/s", "first row s",
+                  "first row after model load s", "peak RSS MiB", title=title)
     for tool, m in medians.items():
         table.add_row(tool, f"{m['wall_s']:.1f}", f"{m['wall_s'] / bergson:.2f}", f"{tokens / m['wall_s']:,.0f}",
                       "-" if m["steady_tokens_per_s"] is None else f"{m['steady_tokens_per_s']:,.0f}",
-                      "-" if m["first_row_s"] is None else f"{m['first_row_s']:.1f}", f"{m['peak_rss_mb']:,.0f}")
+                      "-" if m["first_row_s"] is None else f"{m['first_row_s']:.1f}",
+                      "-" if m["first_row_after_load_s"] is None else f"{m['first_row_after_load_s']:.1f}",
+                      f"{m['peak_rss_mb']:,.0f}")
     return table, medians
 
 
@@ -155,7 +190,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=SIZES, default="small")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each tool, interleaved")
-    parser.add_argument("--tools", nargs="+", default=["rayattr 1", "rayattr 2", "bergson"])
+    parser.add_argument("--tools", nargs="+", default=["rayattr 1", "rayattr 2", f"rayattr 2 {JOINED}", "bergson"])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--skip-install", action="store_true", help="use Bergson's environment as it is")
     parser.add_argument("--torch", default="torch==2.13.0", help="what Bergson's environment installs torch from")
@@ -180,7 +215,8 @@ def main() -> None:
                 argv, env, table = commands(tool, root, corpus, jsonl, model, venv, args.device,
                                             f"{tool.replace(' ', '-')}-{round_}")
                 print(f"round {round_ + 1}/{args.rounds}: {tool}", flush=True)
-                run = watch(argv, env, table, docs, log)
+                with ray_running(tool.endswith(JOINED)):
+                    run = watch(argv, env, table, docs, log)
                 run.tool, run.round = tool, round_
                 runs.append(run)
     title = (f"build, {docs:,} documents ({tokens:,} tokens), projection 16, token batch 512, "
