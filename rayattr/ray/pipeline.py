@@ -26,7 +26,7 @@ from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec,
 from rayattr.data import (RewardSums, Shard, TokenizedDocs, balance_shards, plan_shards, read_shard, reward_baselines,
                           shard_reward_sums, tokenize)
 from rayattr.grads.collector import select_modules
-from rayattr.grads.engine import GradientEngine, engine_for
+from rayattr.grads.engine import GradientEngine, GradientRows, engine_for
 from rayattr.model import load_config, load_tokenizer, max_positions, model_skeleton, tokenizer_source
 from rayattr.ray.progress import BuildProgress, count_summaries, summary_rows
 from rayattr.ray.replicas import TOKENIZE_CPUS, Job, replicas
@@ -90,6 +90,49 @@ def read_and_tokenize(shards: pa.Table, data: DataSpec, tokenizer_name: str, rev
                 yield tokenize(table, data, tokenizer, max_length, baselines)
 
 
+class Appends:
+    """How a worker cuts each batch into table appends: consecutive slices of at most
+    ``APPEND_TOKENS`` tokens, the first of the worker's life one token batch (so its first
+    row lands one forward and backward after its model has loaded), at least one document each."""
+
+    def __init__(self, token_batch_size: int) -> None:
+        self.token_batch_size = token_batch_size
+        self.appended = False  # whether the worker has appended rows yet
+
+    def parts(self, batch: pa.Table) -> list[tuple[slice, TokenizedDocs]]:
+        docs = TokenizedDocs.from_arrow(batch)
+        return [(part, docs.take(part)) for part in self.slices(batch.column("num_tokens").to_numpy())]
+
+    def slices(self, num_tokens: np.ndarray) -> list[slice]:
+        parts, start, limit = [], 0, APPEND_TOKENS if self.appended else self.token_batch_size
+        ends = np.cumsum(num_tokens)
+        while start < len(num_tokens):
+            base = ends[start - 1] if start else 0
+            stop = max(int(np.searchsorted(ends, base + limit, side="right")), start + 1)
+            parts.append(slice(start, stop))
+            start, limit = stop, APPEND_TOKENS
+        return parts
+
+    def write(self, batch: pa.Table, write_part: Callable[[TokenizedDocs], GradientRows], ready_at: float) -> pa.Table:
+        """``write_part`` (compute and append one part's rows, return them) over the batch's parts;
+        the batch's summary rows, each document stamped with its part's append time."""
+        ids = batch.column("id").to_numpy().astype(np.int64)
+        written, non_finite = np.zeros(len(ids), bool), np.zeros(len(ids), bool)
+        written_at = np.zeros(len(ids))
+        for part, part_docs in self.parts(batch):
+            rows = write_part(part_docs)
+            self.appended = True
+            written[part] = np.isin(part_docs.ids, rows.ids)
+            non_finite[part] = np.isin(part_docs.ids, rows.non_finite)
+            written_at[part] = time.time()
+        return summary_rows(ids, batch.column("num_tokens"), written, non_finite, written_at, ready_at)
+
+    def passes(self, engine: GradientEngine, batch: pa.Table) -> int:
+        """How many forward+backward passes writing ``batch`` runs: ZeRO-3 workers agree on it
+        before each step (every pass gathers each module's parameters)."""
+        return sum(engine.passes(part_docs) for _, part_docs in self.parts(batch))
+
+
 class GradientWorker:
     """A model replica on a Replica actor: tokenized docs in, rows appended to LanceDB, summary out.
 
@@ -111,45 +154,22 @@ class GradientWorker:
         # Every worker creates-or-verifies the table from its own model, so a
         # node that loaded a different checkpoint fails instead of mixing rows.
         self.table = GradientTable.create(run_path, meta, table)
-        self.appended = False  # whether this worker has appended rows yet
+        self.appends = Appends(self.engine.spec.token_batch_size)
         self.ready_at = time.time()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        ids = batch.column("id").to_numpy().astype(np.int64)
-        written, non_finite = np.zeros(len(ids), bool), np.zeros(len(ids), bool)
-        written_at = np.zeros(len(ids))
-        for part, part_docs in self._parts(batch):
-            rows = self.engine.rows(part_docs)
-            if self.preprocess is not None:
-                rows.encode(self.table.codec, self.preprocess(torch.from_numpy(rows.grads)).numpy())
-            self.table.append(rows.to_arrow())
-            self.appended = True
-            written[part] = np.isin(part_docs.ids, rows.ids)
-            non_finite[part] = np.isin(part_docs.ids, rows.non_finite)
-            written_at[part] = time.time()
-        return summary_rows(ids, batch.column("num_tokens"), written, non_finite, written_at, self.ready_at)
+        return self.appends.write(batch, self._write, self.ready_at)
+
+    def _write(self, docs: TokenizedDocs) -> GradientRows:
+        rows = self.engine.rows(docs)
+        if self.preprocess is not None:
+            rows.encode(self.table.codec, self.preprocess(torch.from_numpy(rows.grads)).numpy())
+        self.table.append(rows.to_arrow())
+        return rows
 
     def passes(self, batch: pa.Table) -> int:
-        """How many forward+backward passes the next ``__call__(batch)`` runs: ZeRO-3 workers
-        agree on it before each step (every pass gathers each module's parameters)."""
-        return sum(self.engine.passes(part_docs) for _, part_docs in self._parts(batch))
-
-    def _parts(self, batch: pa.Table) -> list[tuple[slice, TokenizedDocs]]:
-        docs = TokenizedDocs.from_arrow(batch)
-        return [(part, docs.take(part))
-                for part in self._append_parts(batch.column("num_tokens").to_numpy())]
-
-    def _append_parts(self, num_tokens: np.ndarray) -> list[slice]:
-        """Consecutive slices of the batch, each at most ``APPEND_TOKENS`` tokens (the first of
-        this worker's life one token batch), at least one document each."""
-        parts, start, limit = [], 0, APPEND_TOKENS if self.appended else self.engine.spec.token_batch_size
-        ends = np.cumsum(num_tokens)
-        while start < len(num_tokens):
-            base = ends[start - 1] if start else 0
-            stop = max(int(np.searchsorted(ends, base + limit, side="right")), start + 1)
-            parts.append(slice(start, stop))
-            start, limit = stop, APPEND_TOKENS
-        return parts
+        """How many forward+backward passes the next ``__call__(batch)`` runs (ZeRO-3 lock-step)."""
+        return self.appends.passes(self.engine, batch)
 
 
 def check_modules(model: ModelSpec, grads: GradSpec) -> None:

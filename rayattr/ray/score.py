@@ -24,8 +24,8 @@ import torch
 from rayattr.codec import RowCodec, vectors_of
 from rayattr.config import RayattrError, RunSpec, stable_hash
 from rayattr.data import TokenizedDocs
-from rayattr.grads.engine import GradientEngine, engine_for
-from rayattr.ray.pipeline import drain, ensure_ray, prepare, replica_build, token_stream
+from rayattr.grads.engine import GradientEngine, GradientRows, engine_for
+from rayattr.ray.pipeline import Appends, drain, ensure_ray, prepare, replica_build, token_stream
 from rayattr.ray.progress import BuildProgress, summary_rows
 from rayattr.ray.queries import QuerySet, ScoreSettings, SelfInfluence, load_queries, self_influence
 from rayattr.ray.replicas import TOKENIZE_CPUS, Job, replicas
@@ -107,6 +107,7 @@ class ScoringWorker:
         self.engine = self.gradients = None
         if spec is not None:
             self.engine, meta = loaded or engine_for(spec)
+            self.appends = Appends(self.engine.spec.token_batch_size)
             queries.check(meta)
             if settings.keep_gradients:
                 self.gradients = GradientTable.create(run_path, meta)
@@ -116,7 +117,7 @@ class ScoringWorker:
 
     def passes(self, batch: pa.Table) -> int:
         """How many forward+backward passes ``__call__(batch)`` runs (ZeRO-3 lock-step)."""
-        return 0 if self.engine is None else self.engine.passes(TokenizedDocs.from_arrow(batch))
+        return 0 if self.engine is None else self.appends.passes(self.engine, batch)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.engine is None:
@@ -125,22 +126,24 @@ class ScoringWorker:
             scores = self.scorer.score(torch.from_numpy(self.index.decode(batch).copy()))
             self.scores.append(_score_rows(ids, num_tokens, scores))
             return summary_rows(ids, batch.column("num_tokens"), np.ones(len(ids), bool), ready_at=self.ready_at)
-        docs = TokenizedDocs.from_arrow(batch)
+        return self.appends.write(batch, self._score, self.ready_at)
+
+    def _score(self, docs: TokenizedDocs) -> GradientRows:
+        """Gradients of ``docs`` on the fly, scored and appended (kept too with ``keep_gradients``)."""
         rows = self.engine.rows(docs)
         if self.gradients is not None:  # before the scores: a resumed batch rewrites both, dedup repairs
             self.gradients.append(rows.to_arrow())
         grads = torch.from_numpy(rows.grads)
         if self.token_scores is None:
             self.scores.append(_score_rows(rows.ids, rows.num_tokens, self.scorer.score(grads)))
-        else:
-            doc_ids, row_doc = np.unique(rows.ids, return_inverse=True)
-            tokens, per_doc = self.scorer.score_tokens(grads, torch.from_numpy(row_doc), len(doc_ids))
-            self.token_scores.append(_score_rows(rows.ids, rows.num_tokens, tokens, rows.token_pos))
-            lengths = np.zeros(len(doc_ids), np.int32)
-            lengths[row_doc] = rows.num_tokens
-            self.scores.append(_score_rows(doc_ids, lengths, per_doc))
-        return summary_rows(docs.ids, batch.column("num_tokens"), np.isin(docs.ids, rows.ids),
-                            np.isin(docs.ids, rows.non_finite), ready_at=self.ready_at)
+            return rows
+        doc_ids, row_doc = np.unique(rows.ids, return_inverse=True)
+        tokens, per_doc = self.scorer.score_tokens(grads, torch.from_numpy(row_doc), len(doc_ids))
+        self.token_scores.append(_score_rows(rows.ids, rows.num_tokens, tokens, rows.token_pos))
+        lengths = np.zeros(len(doc_ids), np.int32)
+        lengths[row_doc] = rows.num_tokens
+        self.scores.append(_score_rows(doc_ids, lengths, per_doc))
+        return rows
 
 
 def _score_rows(ids: np.ndarray, num_tokens: np.ndarray, scores: torch.Tensor, token_pos: np.ndarray | None = None) -> pa.Table:

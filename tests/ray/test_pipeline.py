@@ -22,7 +22,7 @@ from rayattr.fixtures.adapter import train_fixture_adapter
 from rayattr.data import TokenizedDocs, plan_shards, read_shard, tokenize
 from rayattr.model import load_tokenizer
 from rayattr.ray.entry import fit
-from rayattr.ray.pipeline import APPEND_TOKENS, GradientWorker
+from rayattr.ray.pipeline import APPEND_TOKENS, Appends, GradientWorker
 from rayattr.ray.progress import _count_peaks
 from rayattr.ray.replicas import release_replicas
 from rayattr.store import GradientTable
@@ -175,18 +175,17 @@ def test_structured_build_matches_in_process(ray_session, tmp_path, offline_fixt
     assert open_index(run).meta.data == dataclasses.asdict(data)
 
 
-def test_appends_are_bounded_by_tokens_and_the_first_is_one_token_batch(offline_fixture, tmp_path):
+def test_appends_are_bounded_by_tokens_and_the_first_is_one_token_batch():
     """A worker's first append lands after one token batch; later ones gather up to APPEND_TOKENS."""
-    worker = GradientWorker(RunSpec(ModelSpec(str(offline_fixture.neox)), DataSpec(str(offline_fixture.train)),
-                                    GradSpec(token_batch_size=512)), str(tmp_path / "run"), threads=1)
+    appends = Appends(token_batch_size=512)
     lengths = np.full(600, 300)
-    first = worker._append_parts(lengths)
+    first = appends.slices(lengths)
     assert first[0] == slice(0, 1) and first[-1].stop == 600
-    worker.appended = True
-    later = worker._append_parts(lengths)
+    appends.appended = True
+    later = appends.slices(lengths)
     assert [lengths[p].sum() <= APPEND_TOKENS for p in later] == [True] * len(later)
     assert len(later) == -(-600 * 300 // (APPEND_TOKENS // 300 * 300)) and later[-1].stop == 600
-    assert worker._append_parts(np.array([APPEND_TOKENS * 2, 5])) == [slice(0, 1), slice(1, 2)]
+    assert appends.slices(np.array([APPEND_TOKENS * 2, 5])) == [slice(0, 1), slice(1, 2)]
 
 
 def test_passes_count_what_a_write_runs(offline_fixture, tmp_path):
