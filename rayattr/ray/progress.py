@@ -39,6 +39,41 @@ def summary_rows(ids: np.ndarray, num_tokens: pa.Array, written: np.ndarray,
 
 
 @dataclass
+class SteadyRate:
+    """The pass's rate on the workers' clocks: tokens of the rows each worker wrote after its own
+    first write, over the time from the first write of any worker to the last write of any.
+
+    A worker's first write follows its start-up (process, imports, model load), so it is left out;
+    the time after the last write (the driver's end of the pass) is too. Conservative where workers
+    start at different times: the later ones' start-up stays in the time."""
+
+    tokens: int = 0
+    last: float | None = None  # the last write of any worker
+    worker_first: dict[str, float] = field(default_factory=dict)  # each worker's first write
+
+    def count(self, summary: pa.Table) -> None:
+        """Add one worker call's summary rows (their ``written_at`` stamps)."""
+        written = summary.filter(summary.column("written"))
+        if not written.num_rows:
+            return
+        stamps = written.column("written_at").to_numpy()
+        tokens = written.column("num_tokens").to_numpy()
+        workers = np.asarray(written.column("worker_id").to_pylist())
+        for worker in np.unique(workers):
+            mine = workers == worker
+            start = self.worker_first.setdefault(worker, float(stamps[mine].min()))
+            self.tokens += int(tokens[mine & (stamps > start)].sum())
+        self.last = max(self.last or -np.inf, float(stamps.max()))
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        first = min(self.worker_first.values(), default=None)
+        if first is None or self.last <= first:
+            return None
+        return self.tokens / (self.last - first)
+
+
+@dataclass
 class BuildProgress:
     """What the driver knows while a build runs (passed to the progress callback)."""
 
@@ -51,7 +86,7 @@ class BuildProgress:
     seconds: float = 0.0
     first_row_seconds: float | None = None
     first_row_after_load_seconds: float | None = None  # from the writing worker's model load to its first row
-    steady: SteadyRate = field(default_factory=lambda: SteadyRate())
+    steady: SteadyRate = field(default_factory=SteadyRate)
     duplicates_removed: int = 0
     nodes: set[str] = field(default_factory=set)  # Ray node ids of the workers that wrote rows
     worker_peak_rss_mb: dict[str, float] = field(default_factory=dict)  # Ray worker id -> RSS high-water mark at its last batch
@@ -81,42 +116,6 @@ class BuildProgress:
         return None if self.steady.last is None else self.seconds - (self.steady.last - self.wall_start)
 
 
-@dataclass
-class SteadyRate:
-    """The pass's rate on the workers' clocks: tokens of the rows each worker wrote after its own
-    first write, over the time from the first write of any worker to the last write of any.
-
-    A worker's first write follows its start-up (process, imports, model load), so it is left out;
-    the time after the last write (the driver's end of the pass) is too. Conservative where workers
-    start at different times: the later ones' start-up stays in the time."""
-
-    tokens: int = 0
-    first: float | None = None
-    last: float | None = None
-    worker_first: dict[str, float] = field(default_factory=dict)
-
-    def count(self, summary: pa.Table) -> None:
-        """Add one worker call's summary rows (their ``written_at`` stamps)."""
-        written = summary.filter(summary.column("written"))
-        if not written.num_rows:
-            return
-        stamps = written.column("written_at").to_numpy()
-        tokens = written.column("num_tokens").to_numpy()
-        workers = np.asarray(written.column("worker_id").to_pylist())
-        for worker in np.unique(workers):
-            mine = workers == worker
-            start = self.worker_first.setdefault(worker, float(stamps[mine].min()))
-            self.tokens += int(tokens[mine & (stamps > start)].sum())
-        self.first = min(self.first or np.inf, float(stamps.min()))
-        self.last = max(self.last or -np.inf, float(stamps.max()))
-
-    @property
-    def tokens_per_second(self) -> float | None:
-        if self.first is None or self.last is None or self.last <= self.first:
-            return None
-        return self.tokens / (self.last - self.first)
-
-
 def count_summaries(summaries: Iterable[pa.Table], progress: BuildProgress,
                     on_progress: Callable[[BuildProgress], None] | None) -> None:
     """Count workers' summary rows (``summary_rows``) into ``progress`` as they arrive."""
@@ -137,8 +136,8 @@ def count_summaries(summaries: Iterable[pa.Table], progress: BuildProgress,
         if progress.first_row_seconds is None and progress.written:
             first = float(pc.min(summary.column("written_at")).as_py())
             progress.first_row_seconds = first - progress.wall_start
-            ready = pc.min(summary.column("ready_at")).as_py() if "ready_at" in summary.column_names else None
-            progress.first_row_after_load_seconds = None if ready is None or np.isnan(ready) else first - ready
+            ready = pc.min(summary.column("ready_at")).as_py()
+            progress.first_row_after_load_seconds = None if np.isnan(ready) else first - ready
         if on_progress:
             on_progress(progress)
 
