@@ -25,6 +25,7 @@ SECTIONS = {  # results file stem: what it measures
     "peer_fidelity": "Stored rows against exact gradients, beside Bergson's index (`benchmarks/peer_fidelity.py`)",
     "same_job": "`rayattr build` against `bergson build` on the same job (`benchmarks/same_job.py`)",
     "feature_cost": "What each loss and view costs against a plain build (`benchmarks/feature_cost.py`)",
+    "train_time": "Train-time collection overhead against plain HF training (`benchmarks/train_time.py`)",
     "trackstar_storage_hard": "TrackStar recall against the bytes stored per example (`benchmarks/trackstar_storage.py`)",
 }
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"

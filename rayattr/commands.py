@@ -67,6 +67,26 @@ class BuildConfig(PassConfig):
     """`rayattr build`: the gradient table of ``spec.data`` in ``run_path``."""
 
 
+@config_command("train")
+@dataclass(frozen=True)
+class TrainConfig(PassConfig):
+    """`jobs/train.py`: fine-tune ``spec.model`` on ``spec.data`` in a Ray Train worker group (DDP), every worker
+    writing its examples' rows (``spec.grads``) at each optimizer step into ``run_path``."""
+
+    learning_rate: float = setting(1e-4, "AdamW learning rate (constant)")
+    epochs: int = setting(1, "Passes over the training set")
+    batch_size: int = setting(8, "Examples per optimizer step on each worker")
+    every_n_steps: int = setting(1, "Rows every N optimizer steps (table order records every step)")
+    track_order: bool = setting(True, "Record the (step, id) of every example trained on in table order")
+    normalize: NormalizerKind | None = setting(None, "adam or adafactor: divide each step's rows by the optimizer's "
+                                                     "moments as the step starts")
+    seed: int = setting(0, "Seed of the data order and of the model's dropout")
+
+    def __post_init__(self) -> None:
+        if self.zero_stage:
+            raise RayattrError("train-time collection trains a replica per worker (DDP): drop --zero-stage")
+
+
 @config_command("hessian")
 @dataclass(frozen=True)
 class HessianConfig(PassConfig):
@@ -96,6 +116,8 @@ class ScoreConfig(PassConfig):
     query_path: str | None = setting(None, "Run path of `rayattr reduce` (its gradients table are the queries)")
     settings: ScoreSettings = dataclasses.field(default_factory=ScoreSettings)
     index_path: str | None = setting(None, "Score a `rayattr build` table instead of recomputing")
+    step: str | None = setting(None, "A train-time --index-path holds a row per example and step: score step S's rows, "
+                                     "or `all`: each example's rows summed over steps weighted by their learning rate")
 
 
 @config_command("trackstar")

@@ -17,15 +17,17 @@ from typing import Any
 import yaml
 
 from rayattr import storage
-from rayattr.commands import BuildConfig, HessianConfig, NormalizerConfig, ReduceConfig, ScoreConfig, TrackstarSpec
+from rayattr.commands import (BuildConfig, HessianConfig, NormalizerConfig, ReduceConfig, ScoreConfig, TrackstarSpec,
+                              TrainConfig)
 from rayattr.config import RayattrError, from_dict, one_line_warnings
 from rayattr.configfile import COMMANDS
 from rayattr.hessian.factors import STATS_SUBDIR
 from rayattr.ray.entry import build, fit, make_normalizer, score
 from rayattr.ray.score import reduce
+from rayattr.ray.traintime import train
 from rayattr.trackstar import trackstar
 
-Config = BuildConfig | HessianConfig | NormalizerConfig | ReduceConfig | ScoreConfig | TrackstarSpec
+Config = BuildConfig | HessianConfig | NormalizerConfig | ReduceConfig | ScoreConfig | TrackstarSpec | TrainConfig
 
 
 def load_config(path: str | Path, expected: str | None = None) -> tuple[str, Any]:
@@ -58,9 +60,11 @@ def run(config: Config, *, resume: bool = False, ray_address: str | None = None,
         preprocess = config.preprocess
         return reduce(config.run_path, config.spec, aggregation=preprocess.aggregation, hessian=preprocess.hessian,
                       unit_normalize=preprocess.unit_normalize, on_progress=on_progress, **common)
+    if isinstance(config, TrainConfig):
+        return train(config, ray_address)
     if isinstance(config, ScoreConfig):
         return score(config.run_path, config.query_path, config.settings, spec=config.spec, index_path=config.index_path,
-                     on_progress=on_progress, zero_stage=config.zero_stage, **common)
+                     step=config.step, on_progress=on_progress, zero_stage=config.zero_stage, **common)
     return trackstar(config, resume=resume, ray_address=ray_address, on_step=on_step)
 
 

@@ -35,6 +35,7 @@ class TableMeta:
     normalizer: str | None = None
     preconditioner: str | None = None
     unit_normalized: bool = False
+    train_time: bool = False  # rows written while the model trained: also step, epoch and lr columns
     data: dict[str, Any] = field(default_factory=dict)
     # How to recompute such vectors (model and gradient specs, paths included);
     # informational, never compared: paths differ between machines.

@@ -46,6 +46,8 @@ def gradient_schema(meta: TableMeta) -> pa.Schema:
     fields = [pa.field("id", pa.int64()), pa.field("num_tokens", pa.int32()), pa.field("loss", pa.float32())]
     if meta.per_token:
         fields.append(pa.field("token_pos", pa.int32()))
+    if meta.train_time:  # the optimizer step that trained on the row's example (0: the initial weights)
+        fields += [pa.field("step", pa.int32()), pa.field("epoch", pa.int32()), pa.field("lr", pa.float32())]
     fields += RowCodec.of(meta).fields()
     return pa.schema(fields, metadata={META_KEY: meta.to_json()})
 
@@ -280,7 +282,7 @@ class GradientTable(RowTable):
     @classmethod
     def create(cls, uri: str, meta: TableMeta, name: str = GRADIENTS) -> GradientTable:
         """Create the table, or open it for resuming when it holds the same kind of rows."""
-        fields = SPACE_FIELDS + VECTOR_FIELDS + ("per_token", "data", "preconditioner", "unit_normalized")
+        fields = SPACE_FIELDS + VECTOR_FIELDS + ("per_token", "data", "preconditioner", "unit_normalized", "train_time")
         return cls._create_or_resume(uri, name, meta, gradient_schema(meta), lambda t: t.meta.mismatches(meta, fields))
 
     @classmethod

@@ -59,6 +59,17 @@ def engine_rows(model, spec: GradSpec, docs, padding_side: str = "right") -> tup
         engine.close()
 
 
+def build_rows(model, spec: GradSpec, tokens: list[list[int]], ids: np.ndarray, first_id: int = 0,
+               normalizer=None) -> np.ndarray:
+    """The rows `rayattr build`'s engine gives documents ``ids`` (in that order; ``tokens[id - first_id]``)."""
+    engine = GradientEngine(model.eval(), spec, model.config.eos_token_id, normalizer=normalizer)
+    docs = TokenizedDocs(ids, [np.array(tokens[i - first_id]) for i in ids], np.ones(len(ids), np.int64))
+    try:
+        return engine.rows(docs).grads
+    finally:
+        engine.close()
+
+
 class KillOneWorker:
     """A progress callback that SIGKILLs one worker process (its command line names
     ``process``) once ``after`` documents are done."""

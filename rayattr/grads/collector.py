@@ -158,7 +158,9 @@ class GradientCollector:
     space (a per-module sketch would need a budget split like the Kronecker one).
     """
 
-    def __init__(self, model: nn.Module, spec: GradSpec, normalizer: Normalizer | None = None) -> None:
+    def __init__(self, model: nn.Module, spec: GradSpec, normalizer: Normalizer | None = None, live: bool = False) -> None:
+        """``live``: hooks on a model that trains (``rayattr.grads.live``): its parameters keep
+        ``requires_grad`` and the caller runs forward and backward between ``begin_batch`` and ``end_batch``."""
         self.model = model
         self.spec = spec
         if spec.loss_fn == "kl" and not is_adapted(model):
@@ -167,40 +169,30 @@ class GradientCollector:
         shapes = select_modules(model, spec.modules, spec.exclude_modules, spec.include_bias)
         modules = dict(model.named_modules())
         biased = frozenset(name for name in shapes if spec.include_bias and has_bias(modules[name]))
-        shapes, heads = split_heads(model, shapes, spec)
-        self.layouts = plan_layout(shapes, spec, biased, heads)
+        self.shapes, heads = split_heads(model, shapes, spec)
+        self.layouts = plan_layout(self.shapes, spec, biased, heads)
         self.width = sum(layout.width for layout in self.layouts)  # the hooks' row, before any sketch
         self.device = device = next(model.parameters()).device
         self.sketch = None
         if spec.sketched:
             self.sketch = make_sketch(spec.projection_type, self.width, spec.projection_dim, spec.seed).to(device)
         self.dim = spec.projection_dim if spec.sketched else self.width
-        self.normalizer = normalizer
-        # Adafactor: (row scale of g, col scale of a); Adam: elementwise 1/(sqrt(v)+eps) on the full G.
-        self.scales: dict[str, tuple[torch.Tensor, torch.Tensor] | torch.Tensor] = {}
-        if normalizer is not None:
-            normalizer.check_shapes(shapes)
-            self.scales = {layout.name: normalizer.factors(layout.name, device) for layout in self.layouts}
-        self.projections: dict[str, KroneckerProjection] = {}
+        self.seeded: dict[str, KroneckerProjection] = {}  # the projections before a normalizer folds into them
         if spec.projection_dim and not spec.sketched:
             for layout in self.layouts:
                 proj = module_projection(
                     layout.name, layout.out_features, layout.in_features, (layout.p_out, layout.p_in),
                     spec.projection_type, spec.seed, spec.row_orthonormal,
                 )
-                left, right = proj.left.to(device), proj.right.to(device)
-                scale = self.scales.get(layout.name)
-                if isinstance(scale, tuple):
-                    # Adafactor scales rows of g and columns of a: L diag(s) g = (L diag(s)) g, so
-                    # folding them into the factors saves two full-width multiplies per module.
-                    left, right = left * scale[0], right * scale[1]
-                    del self.scales[layout.name]
-                self.projections[layout.name] = KroneckerProjection(left, right)
-        model.requires_grad_(False)
+                self.seeded[layout.name] = KroneckerProjection(proj.left.to(device), proj.right.to(device))
+        self.use_normalizer(normalizer)
+        if not live:
+            model.requires_grad_(False)
         self._handles = [
             modules[layout.module].register_forward_hook(partial(self._on_forward, layout)) for layout in self.layouts
         ]
-        self._handles.append(model.get_input_embeddings().register_forward_hook(_require_grad))
+        if not live:
+            self._handles.append(model.get_input_embeddings().register_forward_hook(_require_grad))
         # Optional per-token observer ``tap(module, a[n, p_in], g[n, p_out])`` of the valid
         # tokens' normalized and projected activations and output gradients: K-FAC uses it.
         # Projected factors are exact: with a' = R a and g' = L g, E[a'a'^T] = R A R^T.
@@ -209,7 +201,29 @@ class GradientCollector:
         self._out: torch.Tensor | None = None
         self._valid: torch.Tensor | None = None
         self._token_rows: torch.Tensor | None = None
+        self._examples: torch.Tensor | None = None  # [E, L] flat token index of each example's tokens (begin_batch)
         self._summed = False  # between begin_sum and end_sum
+
+    def use_normalizer(self, normalizer: Normalizer | None) -> None:
+        """Normalize the rows of later batches by ``normalizer`` (None: not at all). A training run
+        swaps in its optimizer's moments before each step (``rayattr.grads.live``).
+
+        Adafactor: (row scale of g, col scale of a); Adam: elementwise 1/(sqrt(v)+eps) on the full G.
+        """
+        self.normalizer = normalizer
+        self.scales: dict[str, tuple[torch.Tensor, torch.Tensor] | torch.Tensor] = {}
+        self.projections = dict(self.seeded)
+        if normalizer is None:
+            return
+        normalizer.check_shapes(self.shapes)
+        for layout in self.layouts:
+            scale, seeded = normalizer.factors(layout.name, self.device), self.seeded.get(layout.name)
+            if isinstance(scale, tuple) and seeded is not None:
+                # Adafactor scales rows of g and columns of a: L diag(s) g = (L diag(s)) g, so
+                # folding them into the factors saves two full-width multiplies per module.
+                self.projections[layout.name] = KroneckerProjection(seeded.left * scale[0], seeded.right * scale[1])
+            else:
+                self.scales[layout.name] = scale
 
     def close(self) -> None:
         for handle in self._handles:
@@ -272,16 +286,40 @@ class GradientCollector:
         finally:
             self._reset()
 
+    def begin_batch(self, valid: torch.Tensor, examples: torch.Tensor | None = None) -> None:
+        """Rows of a forward and backward the caller runs (a training step's): one per batch row, or,
+        with ``examples`` (``[E, L]`` positions of each example's tokens in the flattened batch, -1
+        past its end: a padding-free batch), one per example. ``valid`` (``[B, T]``) masks padding."""
+        self._valid = valid.unsqueeze(-1)
+        if examples is not None:  # -1 points at a zero row appended to the flattened tokens
+            examples = examples.masked_fill(examples < 0, valid.numel())
+        self._examples = examples
+        rows = valid.shape[0] if examples is None else examples.shape[0]
+        self._out = torch.zeros(rows, self.width, device=valid.device, dtype=torch.float32)
+
+    def end_batch(self) -> torch.Tensor:
+        """``[rows, D]`` of the batch since ``begin_batch``: the gradient of whatever loss the caller
+        backpropagated, per row or example (its scale is the caller's to undo)."""
+        try:
+            if self._acts:
+                raise RayattrError(f"modules {list(self._acts)[:4]} ran forward but got no gradient before the "
+                                   "batch ended; run the backward of every forward that requires grad")
+            return self._out if self.sketch is None else self.sketch(self._out)
+        finally:
+            self._reset()
+
     def _reset(self) -> None:
         self._acts.clear()
-        self._out = self._valid = self._token_rows = None
+        self._out = self._valid = self._token_rows = self._examples = None
         self._summed = False
 
     def _on_forward(self, layout: ModuleLayout, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        if not output.requires_grad:
+        if not output.requires_grad or self._out is None:
             return
         if layout.name in self._acts:
-            raise RayattrError(f"module {layout.name} ran twice in one forward pass; exclude it with --exclude-modules")
+            raise RayattrError(f"module {layout.name} ran twice in one forward pass (a shared module, or gradient "
+                               "checkpointing recomputing it, which train-time rows do not support); exclude it with "
+                               "--exclude-modules")
         acts = inputs[0].float()
         if layout.head and layout.head[1] == "in":
             acts = acts[..., layout.head[2] : layout.head[2] + layout.in_features]
@@ -329,10 +367,18 @@ class GradientCollector:
 
     def _outer(self, grad: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
         """Per-row ``sum_t g_t a_t^T``: ``[B, O, I]`` per document, ``[tokens, O, I]`` per token."""
+        if self._examples is not None:
+            grad, acts = _by_example(grad, self._examples), _by_example(acts, self._examples)
         if self._token_rows is None:
             return torch.bmm(grad.transpose(1, 2), acts)
         mask = self._token_rows
         return grad[mask].unsqueeze(2) * acts[mask].unsqueeze(1)
+
+
+def _by_example(values: torch.Tensor, examples: torch.Tensor) -> torch.Tensor:
+    """``[E, L, d]``: each example's tokens of a flattened ``[B, T, d]`` batch (index past the end: zeros)."""
+    flat = values.reshape(-1, values.shape[-1])
+    return torch.cat([flat, flat.new_zeros(1, flat.shape[1])])[examples]
 
 
 def _require_grad(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:

@@ -6,6 +6,7 @@ distributed build equals an in-process one row by row.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,37 +104,14 @@ class GradientEngine:
 
     @property
     def codec(self) -> RowCodec:
-        """How this engine's rows are stored: int4 steps per module, or one for a whole sketch."""
-        widths = (self.dim,) if self.spec.sketched else tuple(layout.width for layout in self.layouts)
-        return RowCodec(self.spec.dtype, self.dim, widths if self.spec.dtype == "int4" else ())
+        return collector_codec(self.collector)
 
     def close(self) -> None:
         self.collector.close()
 
     def table_meta(self, model_fingerprint: dict[str, str], data: DataSpec, model: ModelSpec | None = None) -> TableMeta:
         """The description every table of this engine's rows carries."""
-        return TableMeta(
-            model=model_fingerprint,
-            modules=[layout.to_meta() for layout in self.layouts],
-            projection=self.projection_meta(),
-            dtype=self.spec.dtype,
-            dim=self.dim,
-            per_token=self.spec.per_token,
-            normalizer=self.normalizer.fingerprint if self.normalizer else None,
-            data=to_dict(data),
-            source={"model": to_dict(model) if model else None, "grads": to_dict(self.spec)},
-        )
-
-    def projection_meta(self) -> dict[str, Any]:
-        """Type, dim, seed and fingerprint; plus the options that change the space when set.
-
-        Per-module sizes (also those allocated from a rank budget) are in the
-        module layout; a sketch records the length of the concatenation it maps.
-        """
-        meta = self.spec.projection_fields() | {"fingerprint": self.spec.projection_fingerprint()}
-        if self.spec.sketched:
-            meta["input_dim"] = self.collector.width
-        return meta
+        return rows_meta(self.collector, model_fingerprint, data, model)
 
     def rows(self, docs: TokenizedDocs) -> GradientRows:
         """Gradient rows of ``docs`` in input order; docs without a loss token are skipped."""
@@ -212,6 +190,44 @@ class GradientEngine:
         )
         rows.encode(self.codec, rows.grads)
         return rows
+
+
+def collector_codec(collector: GradientCollector) -> RowCodec:
+    """How a collector's rows are stored: int4 steps per module, or one for a whole sketch."""
+    spec = collector.spec
+    widths = (collector.dim,) if spec.sketched else tuple(layout.width for layout in collector.layouts)
+    return RowCodec(spec.dtype, collector.dim, widths if spec.dtype == "int4" else ())
+
+
+def projection_meta(collector: GradientCollector) -> dict[str, Any]:
+    """Type, dim, seed and fingerprint; plus the options that change the space when set.
+
+    Per-module sizes (also those allocated from a rank budget) are in the
+    module layout; a sketch records the length of the concatenation it maps.
+    """
+    meta = collector.spec.projection_fields() | {"fingerprint": collector.spec.projection_fingerprint()}
+    if collector.spec.sketched:
+        meta["input_dim"] = collector.width
+    return meta
+
+
+def rows_meta(collector: GradientCollector, model_fingerprint: dict[str, str], data: DataSpec | None,
+              model: ModelSpec | None = None, **extra: Any) -> TableMeta:
+    """The description every table of a collector's rows carries (a build's, or a training run's with
+    ``extra`` fields), so rows of either kind are compared by one rule."""
+    normalizer = collector.normalizer
+    meta = TableMeta(
+        model=model_fingerprint,
+        modules=[layout.to_meta() for layout in collector.layouts],
+        projection=projection_meta(collector),
+        dtype=collector.spec.dtype,
+        dim=collector.dim,
+        per_token=collector.spec.per_token,
+        normalizer=normalizer.fingerprint if normalizer else None,
+        data=to_dict(data) if data else {},
+        source={"model": to_dict(model) if model else None, "grads": to_dict(collector.spec)},
+    )
+    return dataclasses.replace(meta, **extra)
 
 
 def engine_for(spec: RunSpec) -> tuple[GradientEngine, TableMeta]:

@@ -140,40 +140,59 @@ def from_optimizer_state(
     if not isinstance(state, dict) or "state" not in state or "param_groups" not in state:
         raise RayattrError(f"{path} is not a torch optimizer state_dict (no 'state'/'param_groups')")
     indices = [i for group in state["param_groups"] for i in group["params"]]
-    params = dict(model.named_parameters())
-    names = _match_order(path, state["state"], indices, params)
+    names = _match_order(path, state["state"], indices, model)
+    entries = [(name, state["state"][index]) for index, name in zip(indices, names) if index in state["state"]]
+    normalizer = _from_entries(entries, model, kind, include_bias, str(path))
+    if normalizer is None:
+        raise RayattrError(f"{path} has no second moments (exp_avg_sq / exp_avg_sq_row) for any Linear/Conv1D weight")
+    return normalizer
+
+
+def from_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, kind: NormalizerKind = "adafactor",
+                   include_bias: bool = False) -> Normalizer | None:
+    """The moments a live optimizer holds now (None before its first step has made any): what a
+    training run normalizes the rows of its next step by."""
+    # By module, not by parameter name: a tied output head (GPT-2's lm_head) is listed under the embedding.
+    entries = [(f"{module_name}.{leaf}", optimizer.state[param]) for module_name, module in model.named_modules()
+               if isinstance(module, (nn.Linear, Conv1D)) for leaf, param in module.named_parameters(recurse=False)
+               if optimizer.state.get(param)]
+    return _from_entries(entries, model, kind, include_bias, f"{type(optimizer).__name__} (live)")
+
+
+def _from_entries(entries: list[tuple[str, dict]], model: nn.Module, kind: NormalizerKind, include_bias: bool,
+                  source: str) -> Normalizer | None:
+    """Moments of the model's Linear/Conv1D weights from ``(parameter name, optimizer state)`` pairs."""
     weights = {name: module for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))}
     moments: dict[str, dict[str, torch.Tensor]] = {}
     bias_moments: dict[str, torch.Tensor] = {}
-    for index, name in zip(indices, names):
+    for name, entry in entries:
         module_name, _, leaf = name.rpartition(".")
-        if module_name not in weights or index not in state["state"]:
+        if module_name not in weights:
             continue
-        if leaf == "bias" and include_bias and "exp_avg_sq" in state["state"][index]:
-            bias_moments[module_name] = state["state"][index]["exp_avg_sq"].float()
+        if leaf == "bias" and include_bias and "exp_avg_sq" in entry:
+            bias_moments[module_name] = entry["exp_avg_sq"].float()
         if leaf != "weight":
             continue
         transposed = isinstance(weights[module_name], Conv1D)  # stored [in, out]
-        entry = state["state"][index]
         if "exp_avg_sq" in entry:
-            v = entry["exp_avg_sq"].float()
+            v = entry["exp_avg_sq"].detach().float()
             moments[module_name] = {"v": v.T if transposed else v}
         elif "exp_avg_sq_row" in entry:
-            row, col = entry["exp_avg_sq_row"].float(), entry["exp_avg_sq_col"].float()
+            row, col = entry["exp_avg_sq_row"].detach().float(), entry["exp_avg_sq_col"].detach().float()
             moments[module_name] = {"row": col, "col": row} if transposed else {"row": row, "col": col}
             if kind == "adam":
-                raise RayattrError(f"{path} holds Adafactor (factored) moments; use --kind adafactor")
+                raise RayattrError(f"{source} holds Adafactor (factored) moments; use --kind adafactor")
     if not moments:
-        raise RayattrError(f"{path} has no second moments (exp_avg_sq / exp_avg_sq_row) for any Linear/Conv1D weight")
+        return None
     if include_bias:
-        _append_bias_moments(path, moments, bias_moments, weights)
+        _append_bias_moments(source, moments, bias_moments, weights)
     factored = "row" in next(iter(moments.values()))
-    normalizer = Normalizer("adafactor" if factored else "adam", moments, str(path))
+    normalizer = Normalizer("adafactor" if factored else "adam", moments, source)
     return normalizer.to_adafactor() if kind == "adafactor" else normalizer
 
 
 def _append_bias_moments(
-    path: Path, moments: dict[str, dict[str, torch.Tensor]], bias_moments: dict[str, torch.Tensor],
+    path: Path | str, moments: dict[str, dict[str, torch.Tensor]], bias_moments: dict[str, torch.Tensor],
     weights: dict[str, nn.Module],
 ) -> None:
     """``v <- [v | v_b]`` for every biased module, in place."""
@@ -188,13 +207,17 @@ def _append_bias_moments(
         m["v"] = torch.cat([m["v"], bias_moments[name][:, None]], dim=1)
 
 
-def _match_order(path: Path, state: dict, indices: list[int], params: dict[str, nn.Parameter]) -> list[str]:
+def _match_order(path: Path, state: dict, indices: list[int], model: nn.Module) -> list[str]:
     """Parameter names in optimizer order, checked against every state tensor's shape."""
+    params = dict(model.named_parameters())
     names_file = path.parent / "optimizer_param_names.json"
     candidates = []
     if names_file.exists():
         candidates.append(json.loads(names_file.read_text()))
-    no_decay = [n for n in params if n.endswith("bias") or "norm" in n.lower()]
+    # The HF Trainer's groups: weights that decay, then biases and the parameters of norm layers
+    # (found by module type, as GPT-2's ln_1 is named without "norm").
+    norms = {name for name, module in model.named_modules() if "norm" in type(module).__name__.lower()}
+    no_decay = [n for n in params if n.endswith("bias") or "norm" in n.lower() or n.rpartition(".")[0] in norms]
     candidates.append([n for n in params if n not in no_decay] + no_decay)
     candidates.append(list(params))
     for names in candidates:

@@ -48,7 +48,7 @@ def fit(out_dir: str, spec: RunSpec, method: str, *, workers: int = 1, ray_addre
 
 def score(
     run_path: str, query_path: str | None, settings: ScoreSettings, *, spec: RunSpec | None = None,
-    index_path: str | None = None, workers: int = 1, ray_address: str | None = None,
+    index_path: str | None = None, step: str | None = None, workers: int = 1, ray_address: str | None = None,
     docs_per_write: int = 256, on_progress: Callable[[BuildProgress], None] | None = None, zero_stage: int = 0,
 ) -> ScoreResult:
     """Score a training set (``spec``: on the fly; ``index_path``: a gradient table) against a query table,
@@ -61,7 +61,7 @@ def score(
         zero_score(run_path, group_spec, dataset, queries, settings, workers=workers, docs_per_write=docs_per_write,
                    progress=progress, on_progress=on_progress)
 
-    return scoring.score(run_path, query_path, settings, spec=spec, index_path=index_path, workers=workers,
+    return scoring.score(run_path, query_path, settings, spec=spec, index_path=index_path, step=step, workers=workers,
                          ray_address=ray_address, docs_per_write=docs_per_write, on_progress=on_progress,
                          group=on_group if zero_stage else None)
 

@@ -11,6 +11,7 @@ Top-k per query is cut per block on the workers and merged on the driver.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -33,7 +34,8 @@ from rayattr.ray.tablepass import TablePass
 from rayattr.score import Aggregation, QueryPreprocess, aggregate
 from rayattr.space import TableMeta
 from rayattr.store import (
-    GRADIENTS, META_KEY, SCORES, TOKEN_SCORES, TOPK, GradientTable, ScoreMeta, ScoreTable, connect, table_exists,
+    GRADIENTS, META_KEY, SCORES, TOKEN_SCORES, TOPK, GradientTable, ScoreMeta, ScoreTable, committed_ids, connect,
+    table_exists,
 )
 from rayattr.topk import TopK
 
@@ -169,7 +171,7 @@ GroupScorer = Callable[[RunSpec, ray.data.Dataset, ray.ObjectRef, BuildProgress]
 
 def score(
     run_path: str, query_path: str | None, settings: ScoreSettings, *, spec: RunSpec | None = None,
-    index_path: str | None = None, workers: int = 1, ray_address: str | None = None,
+    index_path: str | None = None, step: str | None = None, workers: int = 1, ray_address: str | None = None,
     docs_per_write: int = 256, on_progress: Callable[[BuildProgress], None] | None = None,
     group: GroupScorer | None = None,
 ) -> ScoreResult:
@@ -179,6 +181,7 @@ def score(
     Writes ``scores`` (and ``token_scores`` with ``per_token``) and ``topk``
     into ``run_path``; a rerun with the same settings resumes. With ``group``
     the on-the-fly gradients come from that worker group, not from replicas.
+    ``step`` picks the rows of a train-time index (``IndexRows``).
     """
     if (spec is None) == (index_path is None):
         raise RayattrError("score either a dataset on the fly (--model/--dataset) or a gradient table (--index-path), not both")
@@ -190,7 +193,7 @@ def score(
         spec = dataclasses.replace(spec, grads=dataclasses.replace(spec.grads, per_token=settings.per_token))
         shards = prepare(spec, ray_address, workers, start_replicas=group is None)
     else:
-        index = _checked_index(index_path, queries, settings)
+        index = IndexRows(_checked_index(index_path, queries, settings), step)
         ensure_ray(ray_address)
     individual = settings.mode == "individual" and not settings.self_influence
     meta = ScoreMeta(
@@ -198,7 +201,8 @@ def score(
         query_ids=queries.ids.tolist() if individual else [-1],
         settings={"mode": "self" if settings.self_influence else settings.mode, "unit_normalize": settings.unit_normalize,
                   "preconditioner": queries.index_side.preconditioner.fingerprint if queries.index_side.preconditioner else None,
-                  "queries": queries.fingerprint, "index": index_path or stable_hash(dataclasses.asdict(spec.data))},
+                  "queries": queries.fingerprint, "index": index_path or stable_hash(dataclasses.asdict(spec.data)),
+                  "step": step},
     )
     table = ScoreTable.create(run_path, meta, SCORES)
     outputs: dict = {SCORES: ScoreTable}  # scores last in a batch: resume reads them
@@ -212,7 +216,7 @@ def score(
         dataset = token_stream(spec, tables.items) if tables.start(progress) else None
     else:
         tables = TablePass(run_path, outputs, rows=index.count())
-        dataset = _index_stream(run_path, index, table, meta) if tables.start(progress) else None
+        dataset = index.stream(run_path, table, meta) if tables.start(progress) else None
     if dataset is not None and group is not None:
         group(spec, dataset, ray.put(queries), progress)
     elif dataset is not None:
@@ -242,12 +246,49 @@ def _checked_index(index_path: str, queries: QuerySet | SelfInfluence, settings:
     return index
 
 
-def _index_stream(run_path: str, index: GradientTable, table: ScoreTable, meta: ScoreMeta) -> ray.data.Dataset:
-    """Batches of the gradient table, into a score table emptied of a partial earlier pass."""
-    if table.count():
-        connect(run_path).drop_table(SCORES)
-        ScoreTable.create(run_path, meta, SCORES)
-    return ray.data.read_lance(index.lance_uri, columns=["id", "num_tokens", *index.codec.columns], num_cpus=TOKENIZE_CPUS)
+class IndexRows:
+    """The rows of a gradient table that a score reads: all of a build's; of a train-time table
+    (a row per example and step), one step's, or (``"all"``) each example's rows summed over the
+    steps weighted by their learning rate, TracIn's sum over checkpoints."""
+
+    def __init__(self, index: GradientTable, step: str | None) -> None:
+        if index.meta.train_time and step is None:
+            raise RayattrError(f"{index.uri} holds train-time rows of many steps; pick them with --step S or --step all")
+        if step is not None and not index.meta.train_time:
+            raise RayattrError(f"--step picks rows of a train-time table, and {index.uri} was written by a build; drop it")
+        if step is not None and step != "all" and not step.isdigit():
+            raise RayattrError(f"--step takes a step number or `all`, got {step!r}")
+        self.index, self.step = index, step
+        self.filter = f"step = {int(step)}" if step not in (None, "all") else None
+        # Summed rows are float32 whatever the table stores.
+        self.codec = RowCodec("float32", index.meta.dim) if step == "all" else index.codec
+
+    def count(self) -> int:
+        """Rows the score table will hold: one per row read, or per example when steps are summed."""
+        if self.step == "all":
+            return len(committed_ids(self.index.uri, self.index.table.name))
+        return self.index.table.count_rows(self.filter)
+
+    def stream(self, run_path: str, table: ScoreTable, meta: ScoreMeta) -> ray.data.Dataset:
+        """Batches of the rows, into a score table emptied of a partial earlier pass."""
+        if table.count():
+            connect(run_path).drop_table(SCORES)
+            ScoreTable.create(run_path, meta, SCORES)
+        columns = ["id", "num_tokens", *self.index.codec.columns]
+        if self.step != "all":
+            return ray.data.read_lance(self.index.lance_uri, columns=columns, filter=self.filter,
+                                       num_cpus=TOKENIZE_CPUS)
+        rows = ray.data.read_lance(self.index.lance_uri, columns=[*columns, "lr"], num_cpus=TOKENIZE_CPUS)
+        return rows.groupby("id").map_groups(functools.partial(_lr_weighted_sum, codec=self.index.codec),
+                                             batch_format="pyarrow")
+
+
+def _lr_weighted_sum(rows: pa.Table, codec: RowCodec) -> pa.Table:
+    """Ray Data UDF: one example's rows (all its steps) as ``sum_s lr_s g_s``, stored float32."""
+    weights = rows.column("lr").to_numpy().astype(np.float64)
+    total = (weights[:, None] * codec.decode(rows).astype(np.float64)).sum(0, keepdims=True).astype(np.float32)
+    _, stored = RowCodec("float32", codec.dim).encode(total)
+    return pa.table({"id": rows.column("id").slice(0, 1), "num_tokens": rows.column("num_tokens").slice(0, 1)} | stored)
 
 
 def _block_topk(batch: pa.Table, k: int) -> pa.Table:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "rayattr"
 RAY_FREE = ("rayattr.grads", "rayattr.hessian", "rayattr.score", "rayattr.config", "rayattr.chat", "rayattr.data", "rayattr.model",
-            "rayattr.storage", "rayattr.space", "rayattr.codec", "rayattr.store", "rayattr.commands")
+            "rayattr.storage", "rayattr.space", "rayattr.codec", "rayattr.store", "rayattr.commands", "rayattr.train")
 # The layers, bottom first; a module (or package) may import its own layer and those below.
 LAYERS = (
     ("rayattr", "rayattr.config"),
@@ -21,7 +21,7 @@ LAYERS = (
     ("rayattr.hessian",),
     ("rayattr.score", "rayattr.topk"),
     ("rayattr.store", "rayattr.commands"),
-    ("rayattr.search", "rayattr.verify", "rayattr.doctor"),
+    ("rayattr.search", "rayattr.verify", "rayattr.doctor", "rayattr.train"),
     ("rayattr.ray",),
     ("rayattr.trackstar",),
     ("rayattr.api", "rayattr.runconfig"),
