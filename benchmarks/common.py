@@ -34,6 +34,8 @@ from rayattr.model import load_tokenizer
 TOKEN_BATCH_SIZE = 2048
 RESULTS = Path(__file__).parent / "results"
 
+HEAD_MODULES = ("lm_head", "embed_out")  # GPT-NeoX's output head: lm_head since transformers 5, embed_out before
+
 
 def tokenized_corpus(fixture, docs: int | None = None) -> TokenizedDocs:
     """The fixture's training documents (the first ``docs``), tokenized, loss on every token."""

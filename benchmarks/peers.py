@@ -51,7 +51,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from rich.table import Table
 
-from common import write_results
+from common import HEAD_MODULES, write_results
 from peer_tools import PEERS, bergson_inputs, bergson_scores, ensure_venv, peer_env, run_steps
 from rayattr.fixtures import Fixture, default_cache_dir, fact_tracing_quality, make_fixture, train_fixture_model
 from rayattr.codec import vectors_of
@@ -61,8 +61,7 @@ from rayattr.store import SCORES, ScoreTable
 METRICS = ("recall@1", "recall@10", "mrr")
 CORRELATIONS = ("pearson", "spearman", "query_pearson")
 DENSE = "*attention.dense"  # the modules of the projection-0 TrackStar job
-# GPT-NeoX's output head: ``lm_head`` since transformers 5, ``embed_out`` before
-HEAD = ["--exclude-modules", "lm_head", "--exclude-modules", "embed_out"]
+HEAD = [flag for module in HEAD_MODULES for flag in ("--exclude-modules", module)]
 BERGSON_SKIPS = "*query_key_value,*mlp*"  # Bergson names what to leave out; these leave the attention.dense modules
 BERGSON_CROSSING = 1000  # Bergson's target_downweight_components (rayattr's default is 100)
 

@@ -3,7 +3,7 @@
 The job: the bench GPT-NeoX (512 wide, 6 layers, 8 heads, intermediate 2048,
 untied; random init, the fixture tokenizer), documents of ~313 tokens packed
 from the fixture's training text, projection 16, token batches of 512, fp32,
-``embed_out`` excluded, no normalizer. Each tool runs as its own command line
+the output head (``lm_head``, ``embed_out`` before transformers 5) excluded, no normalizer. Each tool runs as its own command line
 from a cold start (``rayattr build`` starts its own local Ray; ``bergson
 build`` one process), rayattr with 1 and 2 workers, and with 2 workers joining
 a Ray that ``ray start --head`` left running (as on a cluster; started and
@@ -44,7 +44,7 @@ import psutil
 import pyarrow.parquet as pq
 from rich.table import Table
 
-from common import bench_model, packed_corpus, write_results
+from common import HEAD_MODULES, bench_model, packed_corpus, write_results
 from peer_tools import PEERS, ensure_venv, peer_env
 from rayattr.fixtures import default_cache_dir, make_fixture
 from rayattr.model import load_tokenizer
@@ -149,14 +149,14 @@ def commands(tool: str, root: Path, corpus: Path, jsonl: Path, model: Path, berg
         workers = tool.split()[1]  # "rayattr 2" or "rayattr 2 joining a running Ray"
         argv = [str(Path(sys.executable).with_name("rayattr")), "build", str(run), "--model", str(model),
                 "--dataset", str(corpus), "--projection-dim", "16", "--token-batch-size", "512", "--precision", precision,
-                "--exclude-modules", "embed_out", "--workers", workers]
+                *(flag for module in HEAD_MODULES for flag in ("--exclude-modules", module)), "--workers", workers]
         return argv, None, run
     env = peer_env(bergson_venv)
     if device == "cuda":
         env.pop("CUDA_VISIBLE_DEVICES")
     argv = [str(bergson_venv / "bin" / "bergson"), "build", str(run), "--model", str(model), "--dataset", str(jsonl),
             "--prompt_column", "text", "--projection_dim", "16", "--token_batch_size", "512", "--precision", precision,
-            "--filter_modules", "embed_out", "--nproc_per_node", "1"]
+            "--filter_modules", ",".join(f"*{module}" for module in HEAD_MODULES), "--nproc_per_node", "1"]
     return argv, env, None
 
 

@@ -44,7 +44,7 @@ from datasets import Dataset, load_from_disk
 from rich.table import Table
 from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
-from common import bench_model, machine, packed_corpus, write_results
+from common import HEAD_MODULES, bench_model, machine, packed_corpus, write_results
 from rayattr.config import GradSpec
 from rayattr.fixtures import default_cache_dir, make_fixture
 from rayattr.model import load_tokenizer
@@ -52,7 +52,6 @@ from rayattr.store import GRADIENTS
 from rayattr.train import GradientCollectorCallback, prepare_trainer
 
 SEQ_LEN = 256
-HEAD = ("embed_out", "lm_head")  # GPT-NeoX's output head before / since transformers 5
 SIZES = {  # per-device batch (documents of SEQ_LEN tokens), optimizer steps
     "small": {"batch": 4, "steps": 10},
     "full": {"batch": 8, "steps": 10},  # projection 0 buffers 80 rows of 72 MiB: ~13 GiB peak RSS
@@ -88,7 +87,7 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
     if job["projection"] is not None:
         prepare_trainer(trainer)
-        exclude = HEAD if job["projection"] == 0 else ()
+        exclude = HEAD_MODULES if job["projection"] == 0 else ()
         trainer.add_callback(GradientCollectorCallback(job["run"], GradSpec(projection_dim=job["projection"],
                                                                             exclude_modules=exclude)))
     clock = StepClock()
@@ -173,7 +172,7 @@ def main() -> None:
                       f"train-time collection, 21.3M GPT-NeoX, {size['steps']} AdamW steps x {size['batch']} documents "
                       f"x {SEQ_LEN} tokens ({tokens:,} non-pad tokens), {precision} on {args.device}, medians of "
                       f"{args.rounds} round(s), {machine()}; projection 0 excludes the output head "
-                      f"({'/'.join(HEAD)}); Bergson's README claims ~17% overhead for its callback: target < 17%"))
+                      f"({'/'.join(HEAD_MODULES)}); Bergson's README claims ~17% overhead for its callback: target < 17%"))
     for name, m in medians.items():
         table.add_row(name, f"{m['wall_s']:.1f}", f"{m['tokens_per_s']:,.0f}", f"{m['overhead_pct']:+.1f}",
                       f"{m['step_s']:.2f}", f"{m['step_overhead_pct']:+.1f}", f"{m['peak_rss_mib']:,.0f}",
@@ -181,7 +180,7 @@ def main() -> None:
     write_results("train_time", args.size, {
         "seq_len": SEQ_LEN, "tokens": tokens, "tokens_counted": "non-pad input tokens (attention mask)",
         "device": args.device, "precision": precision, "rounds": args.rounds, "target_overhead_pct": 17.0,
-        "head_excluded_at_projection_0": list(HEAD), "medians": medians, "runs": runs,
+        "head_excluded_at_projection_0": list(HEAD_MODULES), "medians": medians, "runs": runs,
     } | size, [table])
 
 

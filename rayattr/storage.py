@@ -29,6 +29,12 @@ def is_local(uri: str) -> bool:
     return "://" not in str(uri)
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (processes that run elsewhere, such as Ray Train workers, start in
+    other directories); URIs as they are."""
+    return os.path.abspath(uri) if is_local(uri) else str(uri)
+
+
 def join(uri: str, *parts: str) -> str:
     """``uri/part/...`` for local paths and URIs alike."""
     uri = str(uri)

@@ -27,7 +27,6 @@ from torch import nn
 
 from rayattr.config import GradSpec, RayattrError
 from rayattr.grads.collector import GradientCollector
-from rayattr.grads.normalizer import Normalizer
 
 IDS_KEY = "rayattr_ids"  # the batch key that carries the examples' dataset ids to the model call
 IGNORE_INDEX = -100  # label of a position that is no prediction target (HF's convention)
@@ -87,9 +86,6 @@ class LiveCapture:
     @property
     def dim(self) -> int:
         return self.collector.dim
-
-    def use_normalizer(self, normalizer: Normalizer | None) -> None:
-        self.collector.use_normalizer(normalizer)
 
     def take(self) -> tuple[LiveRows, np.ndarray]:
         """The rows made since the last call and the ids of every micro-batch seen; call it after
@@ -159,8 +155,8 @@ class LiveCapture:
             batch.token_loss = torch.cat(losses) if losses else torch.zeros(0, device=grad.device)
             scale = sums[0] / sums[1].clamp_min(torch.finfo(torch.float64).tiny)
             # |G - cD|^2 = |G|^2 - c <G, D> at the least-squares c; positions that are no target must have G = 0.
-            residual = (sums[2] - scale * sums[0]).clamp_min(0) + grad[~target].float().square().sum().double()
-            total = sums[2] + grad[~target].float().square().sum().double()
+            off_target = grad[~target].float().square().sum().double()
+            residual, total = (sums[2] - scale * sums[0]).clamp_min(0) + off_target, sums[2] + off_target
             tolerance = SCALE_TOLERANCE.get(grad.dtype, 3e-2)
             if total > 0 and residual > tolerance**2 * total:
                 raise RayattrError(
@@ -175,7 +171,7 @@ class LiveCapture:
         if batch is None:
             return
         grads = self.collector.end_batch()
-        if batch.logits is not None and batch.scale is None and batch.token_loss is None:
+        if batch.logits is not None and batch.token_loss is None:
             raise RayattrError("a training micro-batch ran forward but its backward never reached the logits; "
                                "collect rows around complete training steps")
         examples = len(batch.ids)

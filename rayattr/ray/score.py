@@ -201,8 +201,8 @@ def score(
         query_ids=queries.ids.tolist() if individual else [-1],
         settings={"mode": "self" if settings.self_influence else settings.mode, "unit_normalize": settings.unit_normalize,
                   "preconditioner": queries.index_side.preconditioner.fingerprint if queries.index_side.preconditioner else None,
-                  "queries": queries.fingerprint, "index": index_path or stable_hash(dataclasses.asdict(spec.data)),
-                  "step": step},
+                  "queries": queries.fingerprint, "index": index_path or stable_hash(dataclasses.asdict(spec.data))}
+        | ({"step": step} if step is not None else {}),
     )
     table = ScoreTable.create(run_path, meta, SCORES)
     outputs: dict = {SCORES: ScoreTable}  # scores last in a batch: resume reads them

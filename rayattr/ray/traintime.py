@@ -9,6 +9,7 @@ its example's own gradient whatever the number of workers.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 import numpy as np
@@ -18,6 +19,7 @@ from ray import train as ray_train
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, prepare_model
 
+from rayattr import storage
 from rayattr.commands import TrainConfig
 from rayattr.data import TokenizedDocs, plan_shards
 from rayattr.grads.engine import collate
@@ -25,11 +27,15 @@ from rayattr.grads.live import IDS_KEY, IGNORE_INDEX
 from rayattr.model import load_model, load_tokenizer, tokenizer_source
 from rayattr.ray.pipeline import ensure_ray, shard_items, token_stream, user_errors
 from rayattr.ray.replicas import WorkerResources, release_replicas
-from rayattr.train import TrainTimeCollector
+from rayattr.store import GradientTable, connect
+from rayattr.train import ORDER, TrainTimeCollector
+
+SHUFFLE_BATCHES = 16  # batches in each worker's shuffle buffer
 
 
-def train(config: TrainConfig, ray_address: str | None = None) -> dict:
-    """Run the training; returns Ray Train's last reported metrics (steps, tokens, final loss)."""
+def train(config: TrainConfig, ray_address: str | None = None) -> dict[str, int]:
+    """Run the training; returns the rows written and the examples trained on (counted in the tables)."""
+    config = dataclasses.replace(config, run_path=storage.absolute(config.run_path))
     ensure_ray(ray_address)
     stream = token_stream(config.spec, shard_items(plan_shards(config.spec.data)))
     release_replicas()  # the group needs the CPUs (GPUs) a warm replica pool holds
@@ -39,11 +45,15 @@ def train(config: TrainConfig, ray_address: str | None = None) -> dict:
         _train_loop, train_loop_config={"config": config, "threads": resources.threads},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=resources.num_gpus > 0,
                                      resources_per_worker=per_worker),
-        datasets={"train": stream.random_shuffle(seed=config.seed)},
+        # No global shuffle: its all-to-all tasks ask a whole CPU each, which the workers hold on a small
+        # node; each worker shuffles within a buffer instead (seeded per worker).
+        datasets={"train": stream},
         run_config=RunConfig(name=f"rayattr-train-{uuid.uuid4().hex[:12]}"),
     )
     with user_errors():
-        return trainer.fit().metrics
+        trainer.fit()
+    seen = connect(config.run_path).open_table(ORDER).count_rows() if config.track_order else None
+    return {"rows": GradientTable.open(config.run_path).count(), "examples_seen": seen}
 
 
 def _train_loop(loop_config: dict) -> None:
@@ -61,18 +71,20 @@ def _train_loop(loop_config: dict) -> None:
     wrapped = prepare_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
     collector.start(0)
-    step, loss = 0, float("nan")
+    step = 0
     shard = ray_train.get_dataset_shard("train")
     for epoch in range(config.epochs):
-        for batch in shard.iter_batches(batch_size=config.batch_size, batch_format="pyarrow"):
+        batches = shard.iter_batches(batch_size=config.batch_size, batch_format="pyarrow",
+                                     local_shuffle_buffer_size=SHUFFLE_BATCHES * config.batch_size,
+                                     local_shuffle_seed=config.seed + 1000 * epoch + context.get_world_rank())
+        for batch in batches:
             with collector.step(step, epoch, config.learning_rate, optimizer):
                 out = wrapped(**_model_inputs(batch, pad_id, next(model.parameters()).device))
                 out.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            step, loss = step + 1, float(out.loss)
+            step += 1
     collector.close()
-    ray_train.report({"steps": step, "loss": loss})
 
 
 def _model_inputs(batch: pa.Table, pad_id: int, device: torch.device) -> dict:

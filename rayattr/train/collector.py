@@ -81,7 +81,7 @@ class TrainTimeCollector:
             if optimizer is None:
                 raise RayattrError("normalizing rows by the optimizer needs the optimizer at each step")
             normalizer = from_optimizer(optimizer, self.model, self.normalize, self.capture.collector.spec.include_bias)
-            self.capture.use_normalizer(normalizer)
+            self.capture.collector.use_normalizer(normalizer)
             enabled = normalizer is not None
         self.capture.enabled = enabled
         self._step = (int(step), int(epoch), float(lr))
