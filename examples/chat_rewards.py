@@ -17,21 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
-import sys
 
 import lancedb
 import numpy as np
 import pyarrow.parquet as pq
 from rich.console import Console
+from shell import rayattr
 
 from rayattr.fixtures import default_cache_dir, fact_tracing_quality, make_fixture, train_fixture_model
-
-
-def rayattr(console: Console, *argv: str) -> None:
-    console.print(f"[bold]$ rayattr {shlex.join(argv)}", highlight=False, soft_wrap=True)
-    subprocess.run([sys.executable, "-m", "rayattr", *argv], check=True)
 
 
 def main() -> None:

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
-import sys
 
 import lancedb
 import numpy as np
 import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
+from shell import rayattr
 
 from rayattr.fixtures import default_cache_dir, fact_tracing_quality, make_fixture, train_fixture_model
 
@@ -37,14 +35,10 @@ def main() -> None:
 
     fixture = make_fixture(default_cache_dir())
     model_dir = train_fixture_model(fixture)
-    command = [
-        "rayattr", "trackstar", args.run, "--model", str(model_dir), "--dataset", str(fixture.train),
-        "--query-dataset", str(fixture.queries), "--query-prompt-column", "prompt",
-        "--query-completion-column", "completion", "--optimizer-state", str(model_dir / "optimizer.pt"),
-        "--keep-gradients", "--workers", str(args.workers), "--resume",
-    ]
-    console.print(f"[bold]$ {shlex.join(command)}", highlight=False, soft_wrap=True)
-    subprocess.run([sys.executable, "-m", "rayattr", *command[1:]], check=True)
+    rayattr(console, "trackstar", args.run, "--model", str(model_dir), "--dataset", str(fixture.train),
+            "--query-dataset", str(fixture.queries), "--query-prompt-column", "prompt",
+            "--query-completion-column", "completion", "--optimizer-state", str(model_dir / "optimizer.pt"),
+            "--keep-gradients", "--workers", str(args.workers), "--resume")
 
     db = lancedb.connect(args.run)
     topk = db.open_table("topk").to_pandas()

@@ -13,29 +13,17 @@ optimizer step. The queries' rows are taken at the checkpoint the run started fr
 from __future__ import annotations
 
 import argparse
-import shlex
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 from rich.console import Console
+from shell import rayattr
 
 from rayattr.api import read_topk
 from rayattr.commands import TrainConfig
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
 from rayattr.configfile import save_config
-from rayattr.fixtures import (
-    default_cache_dir,
-    fact_tracing_quality,
-    make_fixture,
-    train_fixture_model,
-)
-
-
-def rayattr(console: Console, *argv: str) -> None:
-    console.print(f"[bold]$ rayattr {shlex.join(argv)}", highlight=False, soft_wrap=True)
-    subprocess.run([sys.executable, "-m", "rayattr", *argv], check=True)
+from rayattr.fixtures import default_cache_dir, fact_tracing_quality, make_fixture, train_fixture_model
 
 
 def main() -> None:
