@@ -18,7 +18,7 @@ documents' non-pad tokens, overhead against (a) as ``(t / t_plain - 1) * 100``, 
 RSS, and the rows in the run's ``gradients`` table. Bergson's README claims "~17%
 performance overhead" for its train-time callback: the target is below that.
 
-    PYTHONPATH=benchmarks:. python benchmarks/train_time.py [--size small|full] [--rounds 2]
+    PYTHONPATH=benchmarks:. python benchmarks/train_time.py [--size small|full] [--rounds 3]
         [--device cpu|cuda] [--bf16]
 """
 
@@ -53,7 +53,7 @@ from rayattr.train import GradientCollectorCallback, prepare_trainer
 
 SEQ_LEN = 256
 SIZES = {  # per-device batch (documents of SEQ_LEN tokens), optimizer steps
-    "small": {"batch": 4, "steps": 10},
+    "small": {"batch": 4, "steps": 20},
     "full": {"batch": 8, "steps": 10},  # projection 0 buffers 80 rows of 72 MiB: ~13 GiB peak RSS
 }
 PLAIN = "plain HF Trainer"
@@ -142,7 +142,7 @@ def summary(runs: list[dict[str, Any]], tokens: int) -> dict[str, dict[str, floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
-    parser.add_argument("--rounds", type=int, default=2, help="runs of each variant, interleaved")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each variant, interleaved")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--bf16", action="store_true", help="TrainingArguments(bf16=True)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one variant's job, as JSON (run_child)
@@ -158,8 +158,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="train-time-") as tmp:
         root = Path(tmp)
         tokens = training_set(fixture, model_dir, root, docs)
+        variants = list(VARIANTS.items())
         for round_ in range(args.rounds):
-            for name, projection in VARIANTS.items():
+            first = round_ % len(variants)  # each round starts with another variant: no order effect in the medians
+            for name, projection in variants[first:] + variants[:first]:
                 print(f"round {round_ + 1}/{args.rounds}: {name}", flush=True)
                 job = {"variant": name, "projection": projection, "model": str(model_dir), "data": str(root / "train"),
                        "run": str(root / "run"), "out": str(root / "out"), "device": args.device, "bf16": args.bf16} | size

@@ -320,7 +320,7 @@ class GradientCollector:
             raise RayattrError(f"module {layout.name} ran twice in one forward pass (a shared module, or gradient "
                                "checkpointing recomputing it, which train-time rows do not support); exclude it with "
                                "--exclude-modules")
-        acts = inputs[0].float()
+        acts = inputs[0].detach().float()  # the hooks' arithmetic stays out of the autograd graph
         if layout.head and layout.head[1] == "in":
             acts = acts[..., layout.head[2] : layout.head[2] + layout.in_features]
         if layout.bias:
