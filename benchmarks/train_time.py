@@ -6,50 +6,48 @@ tokenizer) trained with AdamW for a fixed number of steps on the fixture text pa
 into 256-token documents (one epoch: ``steps x batch`` documents), as
 
   (a) plain ``Trainer.train()``, no callback,
-  (b) with ``GradientCollectorCallback`` at projection 16 (every Linear),
-  (c) with it at projection 0 (full gradients; the output head excluded: ``embed_out``,
-      named ``lm_head`` since transformers 5).
+  (b) with rayattr's ``GradientCollectorCallback`` at projection 16 (every Linear),
+  (c) with Bergson 2.5.1's ``GradientCollectorCallback`` at projection 16, in its own venv
+      (``use_optimizer_state=False``, float32 rows: the same job as (b)),
+  (d) with rayattr's at projection 0 (full gradients; the output head excluded: ``lm_head``,
+      ``embed_out`` before transformers 5).
 
-Each variant runs in a fresh subprocess (peak RSS is its own), interleaved over
-rounds; the table shows medians and the JSON every round. Per run: wall seconds of
+Each variant runs in a fresh subprocess (``train_time_child.py``; peak RSS is its own),
+interleaved over rounds that each start with another variant; the table shows medians
+(and the median of each run's overhead against its own round's plain run) and the JSON
+every round. Per run: wall seconds of
 ``trainer.train()`` (the collector's set-up and final commit included), the median
 step (intervals between ``on_step_end``, the first step left out), tokens/s over the
 documents' non-pad tokens, overhead against (a) as ``(t / t_plain - 1) * 100``, peak
-RSS, and the rows in the run's ``gradients`` table. Bergson's README claims "~17%
+RSS, and the rows in rayattr's ``gradients`` table. Bergson's README claims "~17%
 performance overhead" for its train-time callback: the target is below that.
 
     PYTHONPATH=benchmarks:. python benchmarks/train_time.py [--size small|full] [--rounds 3]
-        [--device cpu|cuda] [--bf16]
+        [--device cpu|cuda] [--bf16] [--skip-install]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import lancedb
-import numpy as np
 import pyarrow.parquet as pq
-import torch
-from datasets import Dataset, load_from_disk
+from datasets import Dataset
 from rich.table import Table
-from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
 from common import HEAD_MODULES, bench_model, machine, packed_corpus, write_results
-from rayattr.config import GradSpec
+from peer_tools import PEERS, ensure_venv, peer_env
 from rayattr.fixtures import default_cache_dir, make_fixture
 from rayattr.model import load_tokenizer
 from rayattr.store import GRADIENTS
-from rayattr.train import GradientCollectorCallback, prepare_trainer
 
 SEQ_LEN = 256
 SIZES = {  # per-device batch (documents of SEQ_LEN tokens), optimizer steps
@@ -57,57 +55,27 @@ SIZES = {  # per-device batch (documents of SEQ_LEN tokens), optimizer steps
     "full": {"batch": 8, "steps": 10},  # projection 0 buffers 80 rows of 72 MiB: ~13 GiB peak RSS
 }
 PLAIN = "plain HF Trainer"
-VARIANTS = {  # name: projection (None: no callback)
-    PLAIN: None,
-    "callback, projection 16": 16,
-    "callback, projection 0 (full gradients, head excluded)": 0,
+BERGSON = "Bergson 2.5.1 callback, projection 16"
+VARIANTS = {  # name: (tool, projection); no tool: plain training
+    PLAIN: (None, None),
+    "rayattr callback, projection 16": ("rayattr", 16),
+    BERGSON: ("bergson", 16),
+    "rayattr callback, projection 0 (full gradients, head excluded)": ("rayattr", 0),
 }
+CHILD = Path(__file__).with_name("train_time_child.py")
 
 
-class StepClock(TrainerCallback):
-    """Times of every ``on_step_end``: the steady step time without set-up and the final commit."""
-
-    def __init__(self) -> None:
-        self.ends: list[float] = []
-
-    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        self.ends.append(time.perf_counter())
-
-
-def train(job: dict[str, Any]) -> dict[str, Any]:
-    """One variant in this process: ``trainer.train()`` timed, then rows and peak memory read."""
-    tokenizer = load_tokenizer(job["model"])
-    model = AutoModelForCausalLM.from_pretrained(job["model"])
-    args = TrainingArguments(
-        output_dir=job["out"], use_cpu=job["device"] == "cpu", bf16=job["bf16"], per_device_train_batch_size=job["batch"],
-        max_steps=job["steps"], optim="adamw_torch", report_to=[], save_strategy="no", logging_strategy="no",
-        disable_tqdm=True, seed=0,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=load_from_disk(job["data"]),
-                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
-    if job["projection"] is not None:
-        prepare_trainer(trainer)
-        exclude = HEAD_MODULES if job["projection"] == 0 else ()
-        trainer.add_callback(GradientCollectorCallback(job["run"], GradSpec(projection_dim=job["projection"],
-                                                                            exclude_modules=exclude)))
-    clock = StepClock()
-    trainer.add_callback(clock)
-    start = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - start
-    rows = lancedb.connect(job["run"]).open_table(GRADIENTS).count_rows() if job["projection"] is not None else 0
-    return {"wall_s": wall, "step_s": float(np.median(np.diff(clock.ends))), "rows": rows,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if job["device"] == "cuda" else None}
-
-
-def run_child(job: dict[str, Any]) -> dict[str, Any]:
-    """``train(job)`` in a fresh interpreter; its result is the last line it prints."""
-    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], check=False,
-                          capture_output=True, text=True)
+def run_child(job: dict[str, Any], bergson_venv: Path) -> dict[str, Any]:
+    """One variant in a fresh interpreter (Bergson's venv for its callback); rayattr's rows counted after."""
+    python, env = (bergson_venv / "bin" / "python", peer_env(bergson_venv)) if job["tool"] == "bergson" else (sys.executable, None)
+    done = subprocess.run([str(python), str(CHILD), json.dumps(job)], check=False, capture_output=True, text=True, env=env)
     if done.returncode:
         raise SystemExit(f"{job['variant']} failed with exit status {done.returncode}:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    rows = 0 if job["tool"] is None else None  # Bergson preallocates a memory map: no count of rows written
+    if job["tool"] == "rayattr":
+        rows = lancedb.connect(job["run"]).open_table(GRADIENTS).count_rows()
+    return result | {"rows": rows}
 
 
 def training_set(fixture: Any, model_dir: Path, root: Path, docs: int) -> int:
@@ -130,7 +98,9 @@ def summary(runs: list[dict[str, Any]], tokens: int) -> dict[str, dict[str, floa
     medians = {}
     for name in VARIANTS:
         mine = [r for r in runs if r["variant"] == name]
-        medians[name] = {key: statistics.median(r[key] for r in mine) for key in ("wall_s", "step_s", "peak_rss_mib", "rows")}
+        medians[name] = {key: statistics.median(r[key] for r in mine) for key in ("wall_s", "step_s", "peak_rss_mib")}
+        medians[name]["paired_overhead_pct"] = statistics.median(r["overhead_pct"] for r in mine)
+        medians[name]["rows"] = mine[0]["rows"]
     plain = medians[PLAIN]
     for m in medians.values():
         m["tokens_per_s"] = tokens / m["wall_s"]
@@ -145,11 +115,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="runs of each variant, interleaved")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--bf16", action="store_true", help="TrainingArguments(bf16=True)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)  # one variant's job, as JSON (run_child)
+    parser.add_argument("--skip-install", action="store_true", help="use the Bergson venv as it is")
+    parser.add_argument("--torch", default="torch==2.13.0", help="torch requirement of the Bergson venv")
     args = parser.parse_args()
-    if args.child:
-        print(json.dumps(train(json.loads(args.child))))
-        return
+    bergson_venv = ensure_venv(PEERS["bergson"], default_cache_dir().parent / "peers", args.torch, not args.skip_install)
     size = SIZES[args.size]
     docs = size["batch"] * size["steps"]
     fixture = make_fixture(default_cache_dir())
@@ -161,15 +130,18 @@ def main() -> None:
         variants = list(VARIANTS.items())
         for round_ in range(args.rounds):
             first = round_ % len(variants)  # each round starts with another variant: no order effect in the medians
-            for name, projection in variants[first:] + variants[:first]:
+            for name, (tool, projection) in variants[first:] + variants[:first]:
                 print(f"round {round_ + 1}/{args.rounds}: {name}", flush=True)
-                job = {"variant": name, "projection": projection, "model": str(model_dir), "data": str(root / "train"),
-                       "run": str(root / "run"), "out": str(root / "out"), "device": args.device, "bf16": args.bf16} | size
-                runs.append({"variant": name, "round": round_} | run_child(job))
+                job = {"variant": name, "tool": tool, "projection": projection, "model": str(model_dir),
+                       "data": str(root / "train"), "run": str(root / "run"), "out": str(root / "out"),
+                       "exclude": list(HEAD_MODULES) if projection == 0 else [], "device": args.device,
+                       "bf16": args.bf16} | size
+                runs.append({"variant": name, "round": round_} | run_child(job, bergson_venv))
                 shutil.rmtree(root / "run", ignore_errors=True)
     medians = summary(runs, tokens)
     precision = "bf16" if args.bf16 else "fp32"
-    table = Table("variant", "wall s", "tokens/s", "overhead vs plain %", "median step s", "step overhead %",
+    table = Table("variant", "wall s", "tokens/s", "overhead vs plain %", "overhead vs its round's plain %",
+                  "median step s", "step overhead %",
                   "peak RSS MiB", "rows", title=(
                       f"train-time collection, 21.3M GPT-NeoX, {size['steps']} AdamW steps x {size['batch']} documents "
                       f"x {SEQ_LEN} tokens ({tokens:,} non-pad tokens), {precision} on {args.device}, medians of "
@@ -177,8 +149,8 @@ def main() -> None:
                       f"({'/'.join(HEAD_MODULES)}); Bergson's README claims ~17% overhead for its callback: target < 17%"))
     for name, m in medians.items():
         table.add_row(name, f"{m['wall_s']:.1f}", f"{m['tokens_per_s']:,.0f}", f"{m['overhead_pct']:+.1f}",
-                      f"{m['step_s']:.2f}", f"{m['step_overhead_pct']:+.1f}", f"{m['peak_rss_mib']:,.0f}",
-                      f"{m['rows']:,.0f}")
+                      f"{m['paired_overhead_pct']:+.1f}", f"{m['step_s']:.2f}", f"{m['step_overhead_pct']:+.1f}",
+                      f"{m['peak_rss_mib']:,.0f}", "-" if m["rows"] is None else f"{m['rows']:,}")
     write_results("train_time", args.size, {
         "seq_len": SEQ_LEN, "tokens": tokens, "tokens_counted": "non-pad input tokens (attention mask)",
         "device": args.device, "precision": precision, "rounds": args.rounds, "target_overhead_pct": 17.0,
