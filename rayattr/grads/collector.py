@@ -198,6 +198,7 @@ class GradientCollector:
         # Projected factors are exact: with a' = R a and g' = L g, E[a'a'^T] = R A R^T.
         self.tap: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None
         self._acts: dict[str, torch.Tensor] = {}
+        self._seen: set[str] = set()  # modules whose forward (outside a backward) ran since the last reset
         self._out: torch.Tensor | None = None
         self._valid: torch.Tensor | None = None
         self._token_rows: torch.Tensor | None = None
@@ -310,17 +311,27 @@ class GradientCollector:
 
     def _reset(self) -> None:
         self._acts.clear()
+        self._seen.clear()
         self._out = self._valid = self._token_rows = self._examples = None
         self._summed = False
 
     def _on_forward(self, layout: ModuleLayout, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if not output.requires_grad or self._out is None:
             return
-        if layout.name in self._acts:
-            raise RayattrError(f"module {layout.name} ran twice in one forward pass (a shared module, or gradient "
-                               "checkpointing recomputing it, which train-time rows do not support); exclude it with "
-                               "--exclude-modules")
-        acts = inputs[0].detach().float()  # the hooks' arithmetic stays out of the autograd graph
+        recomputing = torch._C._current_graph_task_id() != -1  # inside a backward: gradient checkpointing
+        if recomputing and layout.name in self._seen:
+            return  # non-reentrant: the gradient reaches the first forward's output, whose inputs are kept
+        if not recomputing:  # (reentrant: the first forward ran without grad, so the recompute's output is the one)
+            if layout.name in self._acts:
+                raise RayattrError(f"module {layout.name} ran twice in one forward pass (a shared module); exclude "
+                                   "it with --exclude-modules")
+            self._seen.add(layout.name)
+        with torch.autocast(output.device.type, enabled=False):  # fp32 under a mixed-precision forward too
+            self._keep_activations(layout, inputs[0].detach().float())  # detached: out of the autograd graph
+        output.register_hook(partial(self._on_backward, layout))
+
+    def _keep_activations(self, layout: ModuleLayout, acts: torch.Tensor) -> None:
+        """Store the module's (scaled, projected) input activations until its output gradient arrives."""
         if layout.head and layout.head[1] == "in":
             acts = acts[..., layout.head[2] : layout.head[2] + layout.in_features]
         if layout.bias:
@@ -334,7 +345,6 @@ class GradientCollector:
         if projection is not None and not isinstance(scale, torch.Tensor):
             acts = acts @ projection.right.T
         self._acts[layout.name] = acts
-        output.register_hook(partial(self._on_backward, layout))
 
     def _on_backward(self, layout: ModuleLayout, grad: torch.Tensor) -> None:
         acts = self._acts.pop(layout.name)

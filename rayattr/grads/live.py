@@ -58,7 +58,8 @@ class _MicroBatch:
     ids: np.ndarray
     labels: torch.Tensor  # [B, T] targets of each position (the label of the next token), IGNORE_INDEX where none
     example_of_token: torch.Tensor  # [B, T] the example a position belongs to (-1: padding)
-    logits: torch.Tensor | None = None  # detached: the softmax the scale check needs
+    fused: bool = False  # a fused LM head (trl's): the model returns label log-probs, not logits
+    logits: torch.Tensor | None = None  # detached logits (fused: label log-probs), whose gradient carries c
     scale: float | None = None  # c of the trainer's loss L = c * sum of label-token losses
     token_loss: torch.Tensor | None = None  # [N] loss of each label position
     rows: list[LiveRows] = field(default_factory=list)
@@ -80,8 +81,12 @@ class LiveCapture:
         self.seen: list[np.ndarray] = []  # ids of every training micro-batch since the last ``take``
         self._batch: _MicroBatch | None = None
         self._done: list[LiveRows] = []
+        head = model.get_output_embeddings()
+        head_name = next(name for name, module in model.named_modules() if module is head)
+        self._head_collected = any(layout.module == head_name for layout in self.collector.layouts)
         self._handles = [model.register_forward_pre_hook(self._on_model_call, with_kwargs=True),
-                         model.get_output_embeddings().register_forward_hook(self._on_logits)]
+                         model.register_forward_hook(self._on_model_output),
+                         head.register_forward_hook(self._on_logits)]
 
     @property
     def dim(self) -> int:
@@ -117,6 +122,11 @@ class LiveCapture:
         if labels is None:
             raise RayattrError("the training batch has no labels: train-time rows need the model to compute its "
                                "loss from `labels` (a causal-LM collator sets them)")
+        fused = bool(kwargs.get("fused_lm_head"))
+        if fused and self._head_collected:
+            raise RayattrError("a fused LM head (trl's SFTTrainer) computes the logits without calling the output "
+                               "embedding module, so its gradient is never seen; exclude it, e.g. "
+                               "GradSpec(exclude_modules=('lm_head',))")
         mask = kwargs.get("attention_mask")
         valid = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
         if len(ids) == input_ids.shape[0]:
@@ -127,8 +137,18 @@ class LiveCapture:
         targets = torch.full_like(labels, IGNORE_INDEX)
         targets[:, :-1] = labels[:, 1:]
         self.collector.begin_batch(valid, examples)
-        self._batch = _MicroBatch(ids, targets, example_of_token)
+        self._batch = _MicroBatch(ids, targets, example_of_token, fused)
         return args, kwargs
+
+    def _on_model_output(self, module: nn.Module, args: tuple, output) -> None:
+        """Under a fused head, ``L = -c * sum of label log-probs``: c is read off their gradient."""
+        batch = self._batch
+        log_probs = getattr(output, "log_probs", None)
+        if batch is None or not batch.fused or batch.logits is not None or log_probs is None \
+                or not log_probs.requires_grad:
+            return
+        batch.logits = log_probs.detach()
+        log_probs.register_hook(lambda grad: self._on_log_probs_grad(batch, grad))
 
     def _on_logits(self, module: nn.Module, inputs: tuple, logits: torch.Tensor) -> None:
         batch = self._batch
@@ -156,14 +176,27 @@ class LiveCapture:
             scale = sums[0] / sums[1].clamp_min(torch.finfo(torch.float64).tiny)
             # |G - cD|^2 = |G|^2 - c <G, D> at the least-squares c; positions that are no target must have G = 0.
             off_target = grad[~target].float().square().sum().double()
-            residual, total = (sums[2] - scale * sums[0]).clamp_min(0) + off_target, sums[2] + off_target
-            tolerance = SCALE_TOLERANCE.get(grad.dtype, 3e-2)
-            if total > 0 and residual > tolerance**2 * total:
-                raise RayattrError(
-                    "the training loss is not a multiple of the summed token cross-entropy of the labels "
-                    f"(relative residual {float((residual / total).sqrt()):.2e}); train-time rows support the "
-                    "causal-LM cross-entropy (no label smoothing or auxiliary loss terms)")
+            self._check_residual((sums[2] - scale * sums[0]).clamp_min(0) + off_target, sums[2] + off_target,
+                                 grad.dtype)
             batch.scale = float(scale) if labels.numel() and float(scale) != 0.0 else None
+
+    def _on_log_probs_grad(self, batch: _MicroBatch, grad: torch.Tensor) -> None:
+        """``dL/dlog_probs = -c`` at every label position (``[B, T-1]``, of the next token)."""
+        with torch.no_grad():
+            target = batch.labels[:, :-1] != IGNORE_INDEX
+            observed = grad[target].double()
+            batch.token_loss = -batch.logits[target].float()
+            scale = -observed.mean() if observed.numel() else observed.new_zeros(())
+            self._check_residual((observed + scale).square().sum(), observed.square().sum(), grad.dtype)
+            batch.scale = float(scale) if observed.numel() and float(scale) != 0.0 else None
+
+    def _check_residual(self, residual: torch.Tensor, total: torch.Tensor, dtype: torch.dtype) -> None:
+        tolerance = SCALE_TOLERANCE.get(dtype, 3e-2)
+        if total > 0 and residual > tolerance**2 * total:
+            raise RayattrError(
+                "the training loss is not a multiple of the summed token cross-entropy of the labels "
+                f"(relative residual {float((residual / total).sqrt()):.2e}); train-time rows support the "
+                "causal-LM cross-entropy (no label smoothing or auxiliary loss terms)")
 
     def _finish(self) -> None:
         """Turn the pending micro-batch into rows (after its backward)."""
