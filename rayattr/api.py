@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from rayattr.commands import BuildConfig, HessianConfig, ReduceConfig, ScoreConfig, TrackstarSpec
+from rayattr.commands import (BuildConfig, HessianConfig, MagicConfig, ReduceConfig, RetrainConfig, ScoreConfig,
+                              TrackstarSpec, ValidateConfig)
 from rayattr.config import RunSpec
 from rayattr.data import TokenizedDocs, plan_shards, read_shard, reward_baselines, tokenize
 from rayattr.grads.engine import GradientRows, engine_for
+from rayattr.lds.bank import Bank
+from rayattr.lds.recipe import Recipe
+from rayattr.lds.validate import validate
 from rayattr.model import load_tokenizer, max_positions, tokenizer_source
 from rayattr.ray.entry import build, fit as fit_hessian, score
 from rayattr.ray.progress import BuildProgress
+from rayattr.ray.retrain import magic, retrain
 from rayattr.ray.score import read_topk, reduce
 from rayattr.runconfig import load_config, run
 from rayattr.score import ScoreSettings
@@ -20,9 +25,10 @@ from rayattr.store import GRADIENTS, GradientTable
 from rayattr.trackstar import trackstar
 
 __all__ = [
-    "Attributor", "BuildConfig", "BuildProgress", "HessianConfig", "Index", "ReduceConfig", "ScoreConfig",
-    "ScoreSettings", "TrackstarSpec", "build_index", "collect_in_process", "fit_hessian", "load_config", "open_index",
-    "read_topk", "reduce", "run", "score", "trackstar",
+    "Attributor", "Bank", "BuildConfig", "BuildProgress", "HessianConfig", "Index", "MagicConfig", "Recipe",
+    "ReduceConfig", "RetrainConfig", "ScoreConfig", "ScoreSettings", "TrackstarSpec", "ValidateConfig", "build_index",
+    "collect_in_process", "fit_hessian", "load_config", "magic", "open_index", "read_topk", "reduce", "retrain", "run",
+    "score", "trackstar", "validate",
 ]
 
 build_index = build

@@ -22,7 +22,10 @@ from rayattr.configfile import config_command
 from rayattr.grads.normalizer import NormalizerKind
 from rayattr.hessian.factors import TARGET_DOWNWEIGHT_COMPONENTS
 from rayattr.hessian.methods import HessianMethod, SecondMoment
+from rayattr.lds.metric import BOOTSTRAP_SAMPLES
+from rayattr.lds.recipe import Recipe
 from rayattr.score import QueryPreprocess, ScoreSettings
+from rayattr.store import SCORES
 
 NormalizerChoice = Literal["auto", "adafactor", "adam", "none"]
 
@@ -159,3 +162,66 @@ class TrackstarSpec:
     def fingerprint(self) -> str:
         """What decides the results (not the worker count)."""
         return stable_hash(to_dict(dataclasses.replace(self, workers=1)))
+
+
+@dataclass(frozen=True)
+class CounterfactualRun:
+    """Fine-tunes of ``model`` with ``recipe`` on ``train`` (a subset of it, or weighted), judged by ``query``'s losses."""
+
+    model: ModelSpec
+    train: DataSpec
+    query: DataSpec
+    recipe: Recipe = field(default_factory=Recipe)
+    cpus_per_task: float = shared("cpus_per_task")
+
+    @property
+    def fingerprint(self) -> str:
+        """What decides a run's result (not where or how parallel it runs)."""
+        return stable_hash({name: to_dict(getattr(self, name)) for name in ("model", "train", "query", "recipe")})
+
+
+@config_command("retrain")
+@dataclass(frozen=True, kw_only=True)
+class RetrainConfig(CounterfactualRun):
+    """`rayattr retrain`: the bank in ``bank_path`` of ``runs`` fine-tunes, each on a random ``fraction`` of
+    ``train`` (the same batch stream with the other documents weighted 0), and each ``query``'s loss after it."""
+
+    bank_path: str
+    runs: int = setting(32, "Retrained subsets in the bank")
+    fraction: float = setting(0.5, "Fraction of the training set in each subset")
+    subset_seed: int = setting(0, "Seed of the subsets (the recipe's --seed orders the data)")
+
+    def __post_init__(self) -> None:
+        if self.runs < 3:
+            raise RayattrError(f"--runs {self.runs}: an LDS needs at least 3 retrained subsets (32-100 is usual)")
+
+
+@config_command("magic")
+@dataclass(frozen=True, kw_only=True)
+class MagicConfig(CounterfactualRun):
+    """`rayattr magic`: exact metagradients of each ``query``'s loss after training in every ``train`` document's
+    weight (MAGIC), replaying the recipe; scores (minus the metagradient) into ``run_path``."""
+
+    run_path: str
+    checkpoint_every: int = setting(16, "Keep the training state every N steps and recompute the steps between "
+                                        "(memory: about N states)")
+    query_batch: int = setting(8, "Queries that share one reverse pass through the training run")
+    top_k: int = shared("top_k")
+    workers: int = shared("workers")
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every < 1 or self.query_batch < 1 or self.workers < 1:
+            raise RayattrError("--checkpoint-every, --query-batch and --workers must be >= 1")
+
+
+@config_command("validate")
+@dataclass(frozen=True)
+class ValidateConfig:
+    """`rayattr validate`: the LDS of a scores table on a retrain bank, and recall@k/MRR against a ground truth."""
+
+    scores_path: str
+    bank: str = setting(help="Retrain bank path (`rayattr retrain`)")
+    table: str = setting(SCORES, "Scores table of SCORES_PATH: scores, or token_scores")
+    ground_truth: str | None = setting(None, "JSON {query id: [training ids]}: also recall@k and MRR")
+    bootstrap: int = setting(BOOTSTRAP_SAMPLES, "Bootstrap draws of the LDS interval (queries resampled)")
+    out: str | None = setting(None, "Also write the result as JSON here")

@@ -103,6 +103,7 @@ SHARED_SETTINGS: dict[str, tuple[Any, str, tuple[str, ...]]] = {
     "query_batch_size": (1024, "Queries multiplied at once (bounds the score block in memory)", ()),
     "per_token_scores": (False, "Also write a score per training token (token_scores table)", ()),
     "keep_gradients": (False, "Also store the training gradients computed on the fly (gradients table)", ()),
+    "cpus_per_task": (1.0, "CPUs of each training task (and one GPU each when the cluster has GPUs)", ()),
 }
 
 

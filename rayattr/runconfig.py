@@ -9,6 +9,7 @@ jobs/<command>.py CONFIG.yaml`).
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,17 +18,20 @@ from typing import Any
 import yaml
 
 from rayattr import storage
-from rayattr.commands import (BuildConfig, HessianConfig, NormalizerConfig, ReduceConfig, ScoreConfig, TrackstarSpec,
-                              TrainConfig)
+from rayattr.commands import (BuildConfig, HessianConfig, MagicConfig, NormalizerConfig, ReduceConfig, RetrainConfig,
+                              ScoreConfig, TrackstarSpec, TrainConfig, ValidateConfig)
 from rayattr.config import RayattrError, from_dict, one_line_warnings
 from rayattr.configfile import COMMANDS
 from rayattr.hessian.factors import STATS_SUBDIR
+from rayattr.lds.validate import validate
 from rayattr.ray.entry import build, fit, make_normalizer, score
+from rayattr.ray.retrain import magic, retrain
 from rayattr.ray.score import reduce
 from rayattr.ray.traintime import train
 from rayattr.trackstar import trackstar
 
-Config = BuildConfig | HessianConfig | NormalizerConfig | ReduceConfig | ScoreConfig | TrackstarSpec | TrainConfig
+Config = (BuildConfig | HessianConfig | MagicConfig | NormalizerConfig | ReduceConfig | RetrainConfig | ScoreConfig
+          | TrackstarSpec | TrainConfig | ValidateConfig)
 
 
 def load_config(path: str | Path, expected: str | None = None) -> tuple[str, Any]:
@@ -47,7 +51,17 @@ def load_config(path: str | Path, expected: str | None = None) -> tuple[str, Any
 def run(config: Config, *, resume: bool = False, ray_address: str | None = None,
         on_progress: Callable | None = None, on_step: Callable | None = None) -> Any:
     """Run a command's config; what it returns (a build's progress, a fit's summary, a score's result, trackstar's
-    step reports) is the command's to render. ``on_progress`` sees streaming passes, ``on_step`` trackstar's steps."""
+    step reports, a bank, a validation) is the command's to render. ``on_progress`` sees streaming passes,
+    ``on_step`` trackstar's steps and a bank's finished runs (anything with ``describe()``)."""
+    if isinstance(config, ValidateConfig):
+        result = validate(config.scores_path, config.bank, config.table, config.ground_truth, config.bootstrap)
+        if config.out:
+            storage.write_bytes(config.out, json.dumps(result.to_dict(), indent=1).encode())
+        return result
+    if isinstance(config, RetrainConfig):
+        return retrain(config, ray_address, on_run=on_step)
+    if isinstance(config, MagicConfig):
+        return magic(config, ray_address)
     common = {"workers": config.workers, "ray_address": ray_address}
     if isinstance(config, NormalizerConfig):
         return make_normalizer(config, ray_address)

@@ -2,12 +2,14 @@
 
 ``application`` holds the Typer app, ``options`` and ``render`` the shared flags and output;
 ``inputs``, ``scoring`` and ``tables`` define the commands and register them on import, in
-the order ``rayattr --help`` lists them (fixture .. mix, reduce .. run, build .. query).
+the order ``rayattr --help`` lists them (fixture .. mix, reduce .. run, build .. query, then
+``counterfactual``'s retrain, magic, validate).
 """
 
 from __future__ import annotations
 
 from rayattr.cli import inputs, scoring, tables  # registration order: keep this order
+from rayattr.cli import counterfactual  # its commands come last
 from rayattr.cli.application import app
 
-__all__ = ["app", "inputs", "scoring", "tables"]
+__all__ = ["app", "counterfactual", "inputs", "scoring", "tables"]

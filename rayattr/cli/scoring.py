@@ -91,8 +91,10 @@ def run_command(
     if command == "trackstar":
         _run_trackstar(loaded, resume, ray_address)
     else:
-        run(loaded, resume=resume, ray_address=ray_address, on_progress=progress_logger(command, console.print))
-        Console().print(f"{command} finished: {getattr(loaded, 'run_path', None) or loaded.out}")
+        run(loaded, resume=resume, ray_address=ray_address, on_progress=progress_logger(command, console.print),
+            on_step=lambda step: console.print(escape(step.describe()), highlight=False))
+        where = next(getattr(loaded, name) for name in ("run_path", "bank_path", "scores_path", "out") if hasattr(loaded, name))
+        Console().print(f"{command} finished: {where}", soft_wrap=True)
 
 
 def _run_trackstar(spec: TrackstarSpec, resume: bool, ray_address: str | None) -> None:

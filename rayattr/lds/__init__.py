@@ -1,0 +1,1 @@
+"""Counterfactual validation: a deterministic fine-tune recipe, metagradients, the linear datamodeling score."""
