@@ -83,6 +83,7 @@ class RowTable:
         self.uri = uri
         self.schema = schema
         self.per_token = per_token
+        self.appended = False  # whether this handle has committed rows
 
     @classmethod
     def _create_or_resume(cls, uri: str, name: str, meta: Any, schema: pa.Schema,
@@ -132,9 +133,26 @@ class RowTable:
         return self.table.to_lance().uri
 
     def append(self, rows: pa.Table) -> None:
-        """Append rows in one commit (atomic: a killed writer leaves no partial batch)."""
-        if rows.num_rows:
+        """Append rows in one commit (atomic: a killed writer leaves no partial batch).
+
+        Workers that create a table at the same moment can both succeed, the later create landing
+        as an overwrite of the empty table, and an append based on the version before it is refused.
+        Before this handle has committed anything, the overwrite removed none of its rows: the
+        append goes to the latest version. After, it may have: the pass fails, and a rerun resumes.
+        """
+        if not rows.num_rows:
+            return
+        try:
             self.table.add(rows.cast(self.schema))
+        except RuntimeError as exc:
+            if "Incompatible transaction" not in str(exc) or "Overwrite" not in str(exc):
+                raise
+            if self.appended:
+                raise RayattrError(f"table {self.table.name!r} in {self.uri} was overwritten by another writer while "
+                                   "this pass appended to it; rerun the command to resume") from exc
+            self.table.checkout_latest()
+            self.table.add(rows.cast(self.schema))
+        self.appended = True
 
     def count(self) -> int:
         return self.table.count_rows()

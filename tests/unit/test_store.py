@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import lance
 import lancedb
 import numpy as np
 import pyarrow as pa
@@ -308,3 +309,19 @@ def test_optimize_compacts_appends_to_one_fragment_with_the_same_rows(tmp_path, 
     version = table.table.version
     table.optimize()  # one fragment: nothing to do, no new version
     assert table.table.version == version
+
+
+def test_a_create_raced_by_another_worker_loses_no_row(tmp_path):
+    """Two workers create the table at once: the later create lands as an overwrite of the empty table. The
+    first worker's append (based on the version before) goes to the latest version; once a handle has rows
+    in the table, an overwrite is an error instead of a silent loss."""
+    meta = make_meta()
+    first = GradientTable.create(str(tmp_path), meta)
+    empty = gradient_schema(meta).empty_table()
+    lance.write_dataset(empty, first.lance_uri, mode="overwrite")  # the other worker's create, committed second
+    first.append(make_rows([1, 2], 12, seed=0).to_arrow())
+    ids, _ = GradientTable.open(str(tmp_path)).read_matrix()
+    assert ids.tolist() == [1, 2]
+    lance.write_dataset(empty, first.lance_uri, mode="overwrite")
+    with pytest.raises(RayattrError, match="overwritten by another writer"):
+        first.append(make_rows([3], 12, seed=1).to_arrow())
