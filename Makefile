@@ -34,6 +34,8 @@ bench: $(STAMP)
 	$(BENCH) benchmarks/query.py --size small
 	$(BENCH) benchmarks/scaling.py --size small
 	$(BENCH) benchmarks/feature_cost.py --size small
+	$(BENCH) benchmarks/lds.py --size small
+	$(BENCH) benchmarks/lds.py --size small --optimizer sgd
 	$(PY) benchmarks/report.py
 
 # rayattr next to Bergson and kronfluence (~40 min on 2 cores); their venvs are made once under ~/.cache/rayattr/peers.

@@ -27,6 +27,8 @@ SECTIONS = {  # results file stem: what it measures
     "feature_cost": "What each loss and view costs against a plain build (`benchmarks/feature_cost.py`)",
     "train_time": "Train-time collection overhead against plain HF training (`benchmarks/train_time.py`)",
     "trackstar_storage_hard": "TrackStar recall against the bytes stored per example (`benchmarks/trackstar_storage.py`)",
+    "lds": "Counterfactual truth: the LDS of each method, Adam fine-tune (`benchmarks/lds.py`)",
+    "lds_sgd": "Counterfactual truth: the LDS of each method, SGD fine-tune (`benchmarks/lds.py --optimizer sgd`)",
 }
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
