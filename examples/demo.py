@@ -5,7 +5,8 @@ synthetic biography corpus, queries with ground-truth supporting documents),
 runs the full TrackStar pipeline with the ``rayattr trackstar`` command on an
 embedded local Ray, and then reads the results back with plain LanceDB, as
 any downstream analysis would: per-query top-5 with ground-truth marks, and
-recall@10 and MRR over all queries.
+recall@10 and MRR over all queries. Last, it writes the run's static HTML report
+(what `rayattr report RUN` writes) and prints where it is.
 
     python examples/demo.py [--run runs/demo] [--workers 2]
 """
@@ -22,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from shell import rayattr
 
+from rayattr.api import ReportConfig, run
 from rayattr.fixtures import default_cache_dir, fact_tracing_quality, make_fixture, train_fixture_model
 
 
@@ -59,6 +61,7 @@ def main() -> None:
         f"fact tracing over {quality['queries']} queries: recall@10 = {quality['recall@10']:.3f} "
         f"(random ranking: {quality['random_recall@10']:.4f}), MRR = {quality['mrr']:.3f}"
     )
+    console.print(f"HTML report (open it in a browser): {run(ReportConfig(args.run))}", soft_wrap=True)
 
 
 if __name__ == "__main__":

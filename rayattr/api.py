@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from rayattr.commands import (BuildConfig, HessianConfig, MagicConfig, ReduceConfig, RetrainConfig, ScoreConfig,
-                              TrackstarSpec, ValidateConfig)
+from rayattr.commands import (BuildConfig, HessianConfig, MagicConfig, ReduceConfig, ReportConfig, RetrainConfig,
+                              ScoreConfig, TrackstarSpec, ValidateConfig, load_config)
 from rayattr.config import RunSpec
 from rayattr.data import TokenizedDocs, plan_shards, read_shard, reward_baselines, tokenize
 from rayattr.grads.engine import GradientRows, engine_for
@@ -16,19 +16,20 @@ from rayattr.model import load_tokenizer, max_positions, tokenizer_source
 from rayattr.ray.entry import build, fit as fit_hessian, score
 from rayattr.ray.progress import BuildProgress
 from rayattr.ray.retrain import magic, retrain
-from rayattr.ray.score import read_topk, reduce
-from rayattr.runconfig import load_config, run
+from rayattr.ray.score import reduce
+from rayattr.report import write_report
+from rayattr.runconfig import run
 from rayattr.score import ScoreSettings
 from rayattr.search import Attributor, Index
 from rayattr.space import TableMeta
-from rayattr.store import GRADIENTS, GradientTable
+from rayattr.store import GRADIENTS, GradientTable, read_topk
 from rayattr.trackstar import trackstar
 
 __all__ = [
     "Attributor", "Bank", "BuildConfig", "BuildProgress", "HessianConfig", "Index", "MagicConfig", "Recipe",
-    "ReduceConfig", "RetrainConfig", "ScoreConfig", "ScoreSettings", "TrackstarSpec", "ValidateConfig", "build_index",
-    "collect_in_process", "fit_hessian", "load_config", "magic", "open_index", "read_topk", "reduce", "retrain", "run",
-    "score", "trackstar", "validate",
+    "ReduceConfig", "ReportConfig", "RetrainConfig", "ScoreConfig", "ScoreSettings", "TrackstarSpec", "ValidateConfig",
+    "build_index", "collect_in_process", "fit_hessian", "load_config", "magic", "open_index", "read_topk", "reduce",
+    "retrain", "run", "score", "trackstar", "validate", "write_report",
 ]
 
 build_index = build

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from pathlib import Path
+from typing import Any, Literal, get_args
 
+import yaml
+
+from rayattr import storage
 from rayattr.config import (
     TRACKSTAR_GRADS, DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec, check_zero_stage, setting, shared, stable_hash,
-    to_dict,
+    from_dict, to_dict,
 )
-from rayattr.configfile import config_command
+from rayattr.configfile import COMMANDS, config_command
 from rayattr.grads.normalizer import NormalizerKind
 from rayattr.hessian.factors import TARGET_DOWNWEIGHT_COMPONENTS
 from rayattr.hessian.methods import HessianMethod, SecondMoment
@@ -28,6 +32,8 @@ from rayattr.score import QueryPreprocess, ScoreSettings
 from rayattr.store import SCORES
 
 NormalizerChoice = Literal["auto", "adafactor", "adam", "none"]
+TRACKSTAR_CONFIG = "trackstar.yaml"  # a trackstar run's config, in its run path
+STEPS_DIR = "steps"  # a trackstar run's step markers, under its run path
 
 
 @config_command("normalizer")
@@ -225,3 +231,40 @@ class ValidateConfig:
     ground_truth: str | None = setting(None, "JSON {query id: [training ids]}: also recall@k and MRR")
     bootstrap: int = setting(BOOTSTRAP_SAMPLES, "Bootstrap draws of the LDS interval (queries resampled)")
     out: str | None = setting(None, "Also write the result as JSON here")
+
+
+@config_command("report")
+@dataclass(frozen=True)
+class ReportConfig:
+    """`rayattr report`: a static HTML report of the scored run in ``run_path``, written to ``out``."""
+
+    run_path: str
+    out: str | None = setting(None, "Directory of the report (default: RUN_PATH/report; needed when RUN_PATH is "
+                                    "not a local directory)")
+    k: int = setting(10, "Proponents and opponents shown per query")
+    queries: int | None = setting(None, "Report the first N queries (default: all)")
+    run_config: str | None = setting(None, f"The run's YAML config (its --save-config file) when RUN_PATH holds no "
+                                           f"{TRACKSTAR_CONFIG}: it names the model and the training and query data")
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or (self.queries is not None and self.queries < 1):
+            raise RayattrError(f"--k and --queries must be >= 1, got {self.k} and {self.queries}")
+        if self.out is None:
+            if not storage.is_local(self.run_path):
+                raise RayattrError(f"{self.run_path} is not a local directory, so the report has no default place: "
+                                   "pass --out DIR")
+            object.__setattr__(self, "out", storage.join(self.run_path, "report"))
+
+
+def load_config(path: str | Path, expected: str | None = None) -> tuple[str, Any]:
+    """``(command, config)`` from a YAML file; ``expected`` names the only command accepted."""
+    try:
+        payload = yaml.safe_load(storage.read_bytes(str(path)))
+    except (OSError, yaml.YAMLError) as exc:
+        raise RayattrError(f"cannot read run config {path}: {exc}") from exc
+    if not isinstance(payload, dict) or len(payload) != 1 or next(iter(payload)) not in COMMANDS:
+        raise RayattrError(f"{path} is not a rayattr run config: expected one top-level key of {sorted(COMMANDS)}")
+    command, body = next(iter(payload.items()))
+    if expected is not None and command != expected:
+        raise RayattrError(f"{path} configures `{command}`, not `{expected}`; run it with jobs/{command}.py")
+    return command, from_dict(COMMANDS[command], body)

@@ -4,8 +4,8 @@ A config file has one top-level key naming the command (``build``,
 ``hessian``, ``score`` or ``trackstar``) whose value is that command's
 dataclass in dict form. Each config dataclass registers itself here with
 ``config_command``, where it is defined, so writing a config needs nothing
-above this module; reading one (``rayattr.runconfig.load_config``) sits
-above every registered dataclass.
+above this module; reading one (``rayattr.commands.load_config``) sits
+beside every registered dataclass.
 """
 
 from __future__ import annotations

@@ -12,52 +12,37 @@ import argparse
 import json
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import yaml
-
 from rayattr import storage
-from rayattr.commands import (BuildConfig, HessianConfig, MagicConfig, NormalizerConfig, ReduceConfig, RetrainConfig,
-                              ScoreConfig, TrackstarSpec, TrainConfig, ValidateConfig)
-from rayattr.config import RayattrError, from_dict, one_line_warnings
-from rayattr.configfile import COMMANDS
+from rayattr.commands import (BuildConfig, HessianConfig, MagicConfig, NormalizerConfig, ReduceConfig, ReportConfig,
+                              RetrainConfig, ScoreConfig, TrackstarSpec, TrainConfig, ValidateConfig, load_config)
+from rayattr.config import one_line_warnings
 from rayattr.hessian.factors import STATS_SUBDIR
 from rayattr.lds.validate import validate
 from rayattr.ray.entry import build, fit, make_normalizer, score
 from rayattr.ray.retrain import magic, retrain
 from rayattr.ray.score import reduce
 from rayattr.ray.traintime import train
+from rayattr.report import write_report
 from rayattr.trackstar import trackstar
 
-Config = (BuildConfig | HessianConfig | MagicConfig | NormalizerConfig | ReduceConfig | RetrainConfig | ScoreConfig
-          | TrackstarSpec | TrainConfig | ValidateConfig)
-
-
-def load_config(path: str | Path, expected: str | None = None) -> tuple[str, Any]:
-    """``(command, config)`` from a YAML file; ``expected`` names the only command accepted."""
-    try:
-        payload = yaml.safe_load(storage.read_bytes(str(path)))
-    except (OSError, yaml.YAMLError) as exc:
-        raise RayattrError(f"cannot read run config {path}: {exc}") from exc
-    if not isinstance(payload, dict) or len(payload) != 1 or next(iter(payload)) not in COMMANDS:
-        raise RayattrError(f"{path} is not a rayattr run config: expected one top-level key of {sorted(COMMANDS)}")
-    command, body = next(iter(payload.items()))
-    if expected is not None and command != expected:
-        raise RayattrError(f"{path} configures `{command}`, not `{expected}`; run it with jobs/{command}.py")
-    return command, from_dict(COMMANDS[command], body)
+Config = (BuildConfig | HessianConfig | MagicConfig | NormalizerConfig | ReduceConfig | ReportConfig | RetrainConfig
+          | ScoreConfig | TrackstarSpec | TrainConfig | ValidateConfig)
 
 
 def run(config: Config, *, resume: bool = False, ray_address: str | None = None,
         on_progress: Callable | None = None, on_step: Callable | None = None) -> Any:
     """Run a command's config; what it returns (a build's progress, a fit's summary, a score's result, trackstar's
-    step reports, a bank, a validation) is the command's to render. ``on_progress`` sees streaming passes,
-    ``on_step`` trackstar's steps and a bank's finished runs (anything with ``describe()``)."""
+    step reports, a bank, a validation, a report's index page) is the command's to render. ``on_progress`` sees
+    streaming passes, ``on_step`` trackstar's steps and a bank's finished runs (anything with ``describe()``)."""
     if isinstance(config, ValidateConfig):
         result = validate(config.scores_path, config.bank, config.table, config.ground_truth, config.bootstrap)
         if config.out:
             storage.write_bytes(config.out, json.dumps(result.to_dict(), indent=1).encode())
         return result
+    if isinstance(config, ReportConfig):
+        return write_report(config)
     if isinstance(config, RetrainConfig):
         return retrain(config, ray_address, on_run=on_step)
     if isinstance(config, MagicConfig):

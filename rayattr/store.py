@@ -22,6 +22,7 @@ from rayattr import __version__, storage
 from rayattr.codec import RowCodec
 from rayattr.config import RayattrError
 from rayattr.space import FORMAT_VERSION, GRADIENTS, SPACE_FIELDS, VECTOR_FIELDS, TableMeta, space_mismatches
+from rayattr.topk import TopK
 
 SCORES = "scores"
 TOKEN_SCORES = "token_scores"
@@ -157,14 +158,16 @@ class RowTable:
     def count(self) -> int:
         return self.table.count_rows()
 
-    def iter_batches(self, columns: list[str] | None = None, batch_size: int = 8192) -> Iterator[pa.RecordBatch]:
-        """Stream the table in record batches (memory bounded by ``batch_size``).
+    def iter_batches(self, columns: list[str] | None = None, batch_size: int = 8192,
+                     where: str | None = None) -> Iterator[pa.RecordBatch]:
+        """Stream the table (the rows matching the SQL filter ``where``) in record batches (memory bounded by
+        ``batch_size``).
 
         A table whose files are missing or damaged fails here with a message
         naming it, not with Lance's internal error.
         """
         try:
-            yield from self.table.to_lance().to_batches(columns=columns, batch_size=batch_size)
+            yield from self.table.to_lance().to_batches(columns=columns, batch_size=batch_size, filter=where)
         except (OSError, RuntimeError, ValueError) as exc:
             raise RayattrError(
                 f"table {self.table.name!r} in {self.uri} is corrupt or partly written ({str(exc).splitlines()[0]}); "
@@ -371,3 +374,17 @@ class ScoreTable(RowTable):
         payload = json.loads(raw)
         payload.pop("format_version", None), payload.pop("rayattr_version", None)
         return cls(table, ScoreMeta(**payload), uri)
+
+
+def read_topk(run_path: str) -> tuple[TopK, np.ndarray]:
+    """The ``topk`` table of a run as ``(TopK, query ids)`` in the score table's query order."""
+    if not table_exists(run_path, TOPK):
+        raise RayattrError(f"no topk table in {run_path}; run `rayattr score` or `rayattr trackstar` first")
+    table = connect(run_path).open_table(TOPK).to_arrow()
+    query_ids = np.asarray(json.loads(table.schema.metadata[META_KEY])["query_ids"], np.int64)
+    rows = table.sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    width = len(query_ids)
+    order = np.argsort(np.argsort(query_ids))  # position of each query among the sorted query ids
+    ids = rows.column("id").to_numpy().reshape(width, -1)[order]
+    scores = rows.column("score").to_numpy().reshape(width, -1)[order]
+    return TopK(ids.shape[1], ids, scores), query_ids

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rayattr import storage
-from rayattr.commands import NormalizerConfig, TrackstarSpec
+from rayattr.commands import STEPS_DIR, TRACKSTAR_CONFIG, NormalizerConfig, TrackstarSpec
 from rayattr.config import RayattrError, RunSpec
 from rayattr.configfile import save_config
 from rayattr.data import sample_split
@@ -30,9 +30,6 @@ from rayattr.ray.combine import eigh_all
 from rayattr.ray.pipeline import ensure_ray
 from rayattr.ray.score import reduce
 from rayattr.score import ScoreSettings
-
-CONFIG_FILE = "trackstar.yaml"
-STEPS_DIR = "steps"
 
 
 @dataclass
@@ -60,7 +57,7 @@ class Steps:
         for marker in done:
             if self._record(marker).get("fingerprint") != self.fingerprint:
                 raise RayattrError(
-                    f"{spec.run_path} was made with other settings (see {storage.join(spec.run_path, CONFIG_FILE)}); "
+                    f"{spec.run_path} was made with other settings (see {storage.join(spec.run_path, TRACKSTAR_CONFIG)}); "
                     "resume it with those settings, or use a new RUN_PATH"
                 )
 
@@ -94,7 +91,7 @@ def trackstar(spec: TrackstarSpec, *, resume: bool = False, ray_address: str | N
     query second moments, their mix, the preconditioned queries, scoring, top-k."""
     root = spec.run_path
     steps = Steps(spec, resume, on_step)
-    save_config(storage.join(spec.run_path, CONFIG_FILE), spec)
+    save_config(storage.join(spec.run_path, TRACKSTAR_CONFIG), spec)
     sample = dataclasses.replace(spec.train, split=sample_split(spec.train.split, spec.stats_sample_size))
     common = {"workers": spec.workers, "ray_address": ray_address}
     grads = spec.grads

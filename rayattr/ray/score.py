@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from rayattr.store import (
     GRADIENTS, META_KEY, SCORES, TOKEN_SCORES, TOPK, GradientTable, ScoreMeta, ScoreTable, committed_ids, connect,
     table_exists,
 )
+from rayattr.store import read_topk as read_topk  # read here before it moved down to the store layer
 from rayattr.topk import TopK
 
 EXAMPLES = "examples"  # per-example query rows kept beside their aggregate
@@ -335,17 +335,3 @@ def write_topk(run_path: str, top: TopK, query_ids: np.ndarray, meta: ScoreMeta)
     rows = rows.replace_schema_metadata({META_KEY: meta.to_json()})
     # "overwrite" only over an existing table: lance warns when it overwrites nothing
     connect(run_path).create_table(TOPK, rows, mode="overwrite" if table_exists(run_path, TOPK) else "create")
-
-
-def read_topk(run_path: str) -> tuple[TopK, np.ndarray]:
-    """The ``topk`` table of a run as ``(TopK, query ids)`` in the score table's query order."""
-    if not table_exists(run_path, TOPK):
-        raise RayattrError(f"no topk table in {run_path}; run `rayattr score` or `rayattr trackstar` first")
-    table = connect(run_path).open_table(TOPK).to_arrow()
-    query_ids = np.asarray(json.loads(table.schema.metadata[META_KEY])["query_ids"], np.int64)
-    rows = table.sort_by([("query_id", "ascending"), ("rank", "ascending")])
-    width = len(query_ids)
-    order = np.argsort(np.argsort(query_ids))  # position of each query among the sorted query ids
-    ids = rows.column("id").to_numpy().reshape(width, -1)[order]
-    scores = rows.column("score").to_numpy().reshape(width, -1)[order]
-    return TopK(ids.shape[1], ids, scores), query_ids

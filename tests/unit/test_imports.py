@@ -13,7 +13,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "rayattr"
 RAY_FREE = ("rayattr.grads", "rayattr.hessian", "rayattr.score", "rayattr.config", "rayattr.chat", "rayattr.data", "rayattr.model",
             "rayattr.storage", "rayattr.space", "rayattr.codec", "rayattr.store", "rayattr.commands", "rayattr.train",
-            "rayattr.lds")
+            "rayattr.lds", "rayattr.report")
 # The layers, bottom first; a module (or package) may import its own layer and those below.
 LAYERS = (
     ("rayattr", "rayattr.config"),
@@ -22,7 +22,8 @@ LAYERS = (
     ("rayattr.hessian",),
     ("rayattr.score", "rayattr.topk", "rayattr.lds"),  # lds: the recipe, metagradients, the LDS itself
     ("rayattr.store", "rayattr.commands"),
-    ("rayattr.search", "rayattr.verify", "rayattr.doctor", "rayattr.train", "rayattr.lds.bank", "rayattr.lds.validate"),
+    ("rayattr.search", "rayattr.verify", "rayattr.doctor", "rayattr.train", "rayattr.lds.bank", "rayattr.lds.validate",
+     "rayattr.report"),
     ("rayattr.ray",),
     ("rayattr.trackstar",),
     ("rayattr.api", "rayattr.runconfig"),
