@@ -24,7 +24,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15
 
-# Every benchmark at its small size (~19 min on 2 cores), then the README's results section.
+# Every benchmark at its small size (~40 min on 2 cores), then the README's results section.
 BENCH := PYTHONPATH=benchmarks:. $(PY)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"

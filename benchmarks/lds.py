@@ -5,12 +5,13 @@ world (the seed-1 fixture: new people, new facts) with ``rayattr.lds.recipe.Reci
 queries are facts of that world (prompt + completion, loss on the completion) whose supporting
 documents are in the fine-tuning set, with filler documents about other facts. A retrain bank
 (``rayattr retrain``: one Ray task per run) fine-tunes on random halves of the set (the same
-batch stream, the other half weighted 0) and records each query's loss; each method scores the
-full set, and ``rayattr validate`` gives its LDS with a 95% bootstrap interval over queries.
+batch stream, the other half weighted 0) and records each query's loss, and a second bank leaves
+5% out; each method scores the full set once, and ``rayattr validate`` gives its LDS on each bank
+with a 95% bootstrap interval over queries.
 
 Methods: MAGIC (exact metagradients through the fine-tune, from the initial checkpoint); at the
 fine-tuned checkpoint, EK-FAC influence (p=0 and projection 16, fitted on the fine-tuning set),
-TrackStar at its defaults (projection 16, summed loss) and at projection 64, cosine and inner
+TrackStar at its defaults (projection 16, summed loss) and at projection 32, cosine and inner
 product of full gradients; random scores. Gradient methods other than TrackStar's defaults take
 each document's mean token loss, the recipe's. TrackStar at p=0 is left out: its mixed second
 moment is a dense d x d matrix per module, 149k x 149k for this model's output head.
@@ -53,9 +54,11 @@ from rayattr.ray.score import ScoreSettings, reduce
 from rayattr.store import SCORES, ScoreMeta, ScoreTable
 from rayattr.trackstar import trackstar
 
-# Learning rates that fit the new facts about equally (mean query loss 7.98 -> 2.16 with Adam, 1.77 with SGD).
+# Learning rates that fit the new facts about equally: the mean query loss goes 7.98 -> 2.16 with Adam, 2.24
+# with SGD. SGD at 0.3 (-> 1.77) trains at the edge of stability: leaving one document out moved a query's
+# loss 8x what its exact metagradient predicts, and no method's scores predicted the retrains.
 RECIPES = {"adam": Recipe(optimizer="adam", learning_rate=1e-3, batch_size=8, epochs=2, seed=0),
-           "sgd": Recipe(optimizer="sgd", learning_rate=0.3, batch_size=8, epochs=2, seed=0)}
+           "sgd": Recipe(optimizer="sgd", learning_rate=0.1, batch_size=8, epochs=2, seed=0)}
 BERGSON_PUBLISHED = {"MAGIC": 0.983, "EK-FAC": 0.474, "TrackStar": 0.184}  # its GPT-2 fine-tune table
 
 
@@ -63,10 +66,11 @@ BERGSON_PUBLISHED = {"MAGIC": 0.983, "EK-FAC": 0.474, "TrackStar": 0.184}  # its
 class Size:
     queries: int  # facts of the new world asked about
     fillers: int  # fine-tuning documents that support none of them
-    runs: int  # retrained halves in the bank
+    runs: int  # retrained subsets in each bank
 
 
 SIZES = {"small": Size(32, 48, 32), "full": Size(64, 96, 64)}
+FRACTIONS = (0.5, 0.95)  # retrained on half the set (the usual LDS), and with 5% of it left out
 
 
 def finetuning_set(root: Path, size: Size) -> tuple[DataSpec, DataSpec]:
@@ -128,10 +132,12 @@ def measure(args: argparse.Namespace, size: Size, root: Path) -> dict:
     data, queries = finetuning_set(root, size)
     final = finetuned(base, data, recipe, root / "finetuned")
     ensure_ray()
-    started = time.perf_counter()
-    retrain(RetrainConfig(bank_path=str(root / "bank"), model=base, train=data, query=queries, recipe=recipe,
-                          runs=size.runs))
-    bank_seconds = time.perf_counter() - started
+    bank_seconds = {}
+    for fraction in FRACTIONS:  # the same recipe and queries; subsets of each size
+        started = time.perf_counter()
+        retrain(RetrainConfig(bank_path=str(root / f"bank-{fraction}"), model=base, train=data, query=queries,
+                              recipe=recipe, runs=size.runs, fraction=fraction))
+        bank_seconds[fraction] = time.perf_counter() - started
     at_final = Methods(final, data, queries, args.workers)
     mean = GradSpec(projection_dim=0, loss_reduction="mean")
     plan = [
@@ -141,8 +147,8 @@ def measure(args: argparse.Namespace, size: Size, root: Path) -> dict:
         ("EK-FAC influence, projection 16", lambda p: at_final.gradient_scores(
             p, dataclasses.replace(mean, projection_dim=16), ScoreSettings(), "ekfac")),
         ("TrackStar (defaults: projection 16, summed loss)", lambda p: at_final.trackstar(p, TRACKSTAR_GRADS)),
-        ("TrackStar, projection 64", lambda p: at_final.trackstar(
-            p, dataclasses.replace(TRACKSTAR_GRADS, projection_dim=64, loss_reduction="mean"))),
+        ("TrackStar, projection 32", lambda p: at_final.trackstar(
+            p, dataclasses.replace(TRACKSTAR_GRADS, projection_dim=32, loss_reduction="mean"))),
         ("cosine, p=0", lambda p: at_final.gradient_scores(p, mean, ScoreSettings(unit_normalize=True))),
         ("inner product, p=0", lambda p: at_final.gradient_scores(p, mean, ScoreSettings())),
         ("random", lambda p: random_scores(p, data, queries)),
@@ -155,37 +161,45 @@ def measure(args: argparse.Namespace, size: Size, root: Path) -> dict:
         Console().print(f"{label}: {rows[-1]['seconds']:.0f} s", markup=False)
     ray.shutdown()
     for row in rows:
-        result = validate(row.pop("path"), str(root / "bank"), seed=0).lds
-        row |= {"lds": result.lds, "low": result.low, "high": result.high, "queries": result.queries}
+        path = row.pop("path")
+        for fraction in FRACTIONS:
+            result = validate(path, str(root / f"bank-{fraction}"), seed=0).lds
+            row[str(fraction)] = {"lds": result.lds, "low": result.low, "high": result.high, "queries": result.queries}
     return {"rows": rows, "bank_seconds": bank_seconds, "documents": pq.read_metadata(data.dataset).num_rows,
-            "queries": size.queries, "runs": size.runs, "recipe": dataclasses.asdict(recipe)}
+            "queries": size.queries, "runs": size.runs, "recipe": dataclasses.asdict(recipe),
+            "fractions": list(FRACTIONS)}
 
 
 def report_table(report: dict) -> Table:
-    table = Table("method", "LDS", "95% interval", "wall s", "Bergson's published LDS (GPT-2 fine-tune)",
-                  title=report["title"])
+    columns = [f"LDS, {fraction:.0%} kept [95% interval]" for fraction in FRACTIONS]
+    table = Table("method", *columns, "wall s", "Bergson's published LDS (GPT-2 fine-tune)", title=report["title"])
     for row in report["rows"]:
         published = next((f"{v:.3f}" for k, v in BERGSON_PUBLISHED.items() if row["method"].startswith(k)), "")
-        table.add_row(row["method"], f"{row['lds']:.3f}", f"[{row['low']:.3f}, {row['high']:.3f}]",
-                      f"{row['seconds']:.0f}", published)
+        cells = [f"{row[str(f)]['lds']:.3f} [{row[str(f)]['low']:.3f}, {row[str(f)]['high']:.3f}]" for f in FRACTIONS]
+        table.add_row(row["method"], *cells, f"{row['seconds']:.0f}", published)
     return table
 
 
 def plot(report: dict, path: Path, console: Console) -> None:
-    """One bar per method with its bootstrap interval."""
+    """Bars per method, one per subset size, with their bootstrap intervals."""
     plt = pyplot(console)
     if plt is None:
         return
     rows = report["rows"]
     y = np.arange(len(rows))
-    lds = np.array([r["lds"] for r in rows])
-    errors = np.array([[r["lds"] - r["low"] for r in rows], [r["high"] - r["lds"] for r in rows]])
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(rows)))
-    ax.barh(y, lds, xerr=errors, color="tab:blue", alpha=0.8, capsize=3)
+    height = 0.8 / len(FRACTIONS)
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.5 * len(rows)))
+    for i, fraction in enumerate(FRACTIONS):
+        cells = [row[str(fraction)] for row in rows]
+        lds = np.array([c["lds"] for c in cells])
+        errors = np.array([[c["lds"] - c["low"] for c in cells], [c["high"] - c["lds"] for c in cells]])
+        ax.barh(y + (i - (len(FRACTIONS) - 1) / 2) * height, lds, height, xerr=errors, capsize=2,
+                label=f"subsets of {fraction:.0%}")
     ax.axvline(0, color="black", lw=0.8)
-    ax.set(yticks=y, yticklabels=[r["method"] for r in rows], xlim=(-0.2, 1), title=report["title"], xlabel="LDS")
+    ax.set(yticks=y, yticklabels=[r["method"] for r in rows], xlim=(-0.3, 1), title=report["title"], xlabel="LDS")
     ax.invert_yaxis()
     ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower right")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     console.print(f"wrote {path}")
@@ -208,7 +222,7 @@ def main() -> None:
             report = measure(args, SIZES[args.size], Path(tmp))
     report |= {"wall_s": time.perf_counter() - started, "workers": args.workers,
                "title": (f"LDS, {args.optimizer} fine-tune: {report['queries']} queries x {report['documents']} "
-                         f"documents, {report['runs']} retrained halves (95% bootstrap over queries)")}
+                         f"documents, {report['runs']} retrained subsets per size (95% bootstrap over queries)")}
     out = write_results("lds" if args.optimizer == "adam" else f"lds_{args.optimizer}", args.size, report,
                         [report_table(report)])
     plot(report, out.with_suffix(".png"), Console())
