@@ -53,11 +53,15 @@ def ray_session():
     """One embedded local Ray for the whole session (starting Ray costs seconds); a new one,
     never a cluster that another test (or test process) has started on this machine."""
     import ray
+    from helpers import RAY_TEST_ENV
 
     from rayattr.ray.pipeline import ensure_ray
 
     os.environ.pop("RAY_ADDRESS", None)
-    ensure_ray("local")
+    with pytest.MonkeyPatch.context() as env:  # read by the raylet that ensure_ray starts
+        for name, value in RAY_TEST_ENV.items():
+            env.setenv(name, value)
+        ensure_ray("local")
     yield
     ray.shutdown()
 

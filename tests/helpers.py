@@ -31,6 +31,12 @@ from rayattr.store import GradientTable, ScoreTable
 
 ROOT = Path(__file__).parents[1]  # the repository
 
+# For the Rays the tests start. Ray keeps idle worker processes only while it runs fewer than one per
+# CPU (two or one here) and counts the actors of a pass (replicas, Ray Data's and Ray Train's own) among
+# them, so each later pass started its tasks and actors in fresh processes that imported torch and
+# transformers again, seconds each. Up to 16 processes, passes reuse idle ones, as on a bigger machine.
+RAY_TEST_ENV = {"RAY_num_workers_soft_limit": "16"}
+
 
 def assert_rows_close(actual: np.ndarray, expected: np.ndarray, tol: float = 1e-5) -> None:
     """Gradient rows equal up to float32 summation order: error relative to each row's largest entry.

@@ -38,6 +38,7 @@ from rayattr.hessian.methods import FitSummary, StatsPass, check_method, fit_sta
 from rayattr.hessian.stats import Sums
 from rayattr.ray.fit import DOCS_PER_STEP, same_meta
 from rayattr.ray.lockstep import Step, run_lockstep
+from rayattr.ray.mailbox import Mailbox, WorkerReport
 from rayattr.ray.pipeline import DOCS_PER_WRITE, GradientWorker, prepare, shard_items, token_stream, user_errors
 from rayattr.ray.progress import BuildProgress, count_summaries, peak_rss_mb
 from rayattr.ray.combine import eigh_all, tree_sum
@@ -96,20 +97,6 @@ def partition_numel(model: nn.Module) -> tuple[int, int]:
     params = list(model.parameters())
     held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
     return held, sum(getattr(p, "ds_numel", p.numel()) for p in params)
-
-
-@dataclass(frozen=True)
-class WorkerReport:
-    """What one worker of the group did and held."""
-
-    rank: int
-    partition_numel: int  # parameter elements this worker holds (its ZeRO-3 slices)
-    model_numel: int  # parameter elements of the whole model
-    passes: int  # forward+backward passes over real documents
-    idle_passes: int  # passes over the empty batch, to keep lock-step
-    resumed_past: int  # documents skipped as already committed (after a group restart, or on resume)
-    seconds: float  # time in the lock-step loop, collectives included
-    peak_rss_mb: float
 
 
 @dataclass
@@ -214,33 +201,6 @@ class _ScoreRows(_SkipsCommitted):
         return None
 
 
-@ray.remote(num_cpus=0)
-class _Mailbox:
-    """Where a group's workers leave what the driver reads: build summaries as they
-    are written, and each worker's report, table metadata and result at the end."""
-
-    def __init__(self) -> None:
-        self.summaries: list[pa.Table] = []
-        self.finished: dict[int, tuple[WorkerReport, TableMeta, Any]] = {}
-
-    def post(self, summary: pa.Table) -> None:
-        self.summaries.append(summary)
-
-    def take(self) -> list[pa.Table]:
-        taken, self.summaries = self.summaries, []
-        return taken
-
-    def finish(self, rank: int, report: WorkerReport, meta: TableMeta, result: Any) -> None:
-        self.finished[rank] = (report, meta, result)
-
-    def reports(self) -> tuple[list[WorkerReport], list[TableMeta]]:
-        ranks = sorted(self.finished)
-        return [self.finished[r][0] for r in ranks], [self.finished[r][1] for r in ranks]
-
-    def result(self, rank: int) -> Any:
-        return self.finished[rank][2]
-
-
 def _worker_loop(config: dict) -> None:
     """One Ray Train worker: load the partitioned model, run the job over this worker's
     shard in lock-step, leave the report and result in the mailbox."""
@@ -307,7 +267,7 @@ def drain_group(spec: RunSpec, dataset: ray.data.Dataset, workers: int, job: _Jo
                 on_progress: Callable[[BuildProgress], None] | None) -> list[WorkerReport]:
     """Run a writing job (build, score) on a worker group, counting its summaries into
     ``progress`` while it runs; returns the workers' reports."""
-    mailbox = _Mailbox.remote()
+    mailbox = Mailbox.remote()
     with ThreadPoolExecutor(max_workers=1) as pool:
         running = pool.submit(_run_group, spec, dataset, workers, job, mailbox)
         count_summaries(_posted(mailbox, running), progress, on_progress)
@@ -368,7 +328,7 @@ def zero_fit(out_dir: str, spec: RunSpec, method: str, *, workers: int = 2, ray_
 def _stats_pass(spec: RunSpec, items: list[dict], workers: int, reports: list[WorkerReport],
                 method: str, eigenbases: Sums | None) -> tuple[Sums, TableMeta]:
     """One statistics pass on a worker group: partial sums tree-reduced as in ``fit``."""
-    mailbox = _Mailbox.remote()
+    mailbox = Mailbox.remote()
     bases = ray.put(eigenbases) if eigenbases is not None else None
     _run_group(spec, token_stream(spec, items), workers, _AccumulateStats(method, bases), mailbox)
     group_reports, metas = ray.get(mailbox.reports.remote())

@@ -34,8 +34,7 @@ def poisoned(offline_fixture, fixture_tokenizer, tmp_path_factory) -> tuple[str,
     """The fixture model with one token's embedding set to inf: documents holding that token
     get a NaN loss and gradient, the others are untouched. Returns ``(model dir, token id)``."""
     texts = pq.read_table(offline_fixture.train).column("text").to_pylist()[:DOCS]
-    counts = np.bincount(np.concatenate([fixture_tokenizer(t)["input_ids"] for t in texts]))
-    in_docs = np.array([sum(token in fixture_tokenizer(t)["input_ids"] for t in texts) for token in range(len(counts))])
+    in_docs = np.bincount(np.concatenate([np.unique(ids) for ids in fixture_tokenizer(texts)["input_ids"]]))
     token = int(np.flatnonzero((in_docs >= 2) & (in_docs <= 6))[0])  # in a few documents, not all
     model = AutoModelForCausalLM.from_pretrained(offline_fixture.neox)
     with torch.no_grad():

@@ -3,6 +3,8 @@ that loses a worker restarts and skips what was committed."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -33,13 +35,26 @@ def _spec(offline_fixture, dataset: str, split: str = "train") -> RunSpec:
                    GradSpec(projection_dim=4, token_batch_size=256))
 
 
-# The tests that also run model replicas come first: each ZeRO group stops the warm replicas.
-def test_zero_kfac_equals_replica_kfac(ray_session, tmp_path, offline_fixture):
-    # One shard: one worker gets every document, the other only idle passes.
-    spec = _spec(offline_fixture, str(offline_fixture.train), split="train[:24]")
-    fit(str(tmp_path / "replica"), spec, "kfac", workers=1)  # first: on the session's warm replicas
-    zero_summary = fit(str(tmp_path / "zero"), spec, "kfac", workers=WORKERS, zero_stage=3)
-    (zero, zero_manifest), (replica, replica_manifest) = load_stats(tmp_path / "zero"), load_stats(tmp_path / "replica")
+def _one_shard(offline_fixture) -> RunSpec:
+    """The first 24 training documents in one shard: one worker of a group gets every document, the other only idle passes."""
+    return _spec(offline_fixture, str(offline_fixture.train), split="train[:24]")
+
+
+@pytest.fixture(scope="module")
+def on_replicas(ray_session, tmp_path_factory, offline_fixture) -> Path:
+    """What the ZeRO runs are compared with, made on the session's warm replicas before the first
+    ZeRO group stops them (starting them again costs seconds): ``kfac``, the statistics of the first
+    24 documents, and ``query``, three queries' unit-normalized rows."""
+    root, spec = tmp_path_factory.mktemp("replicas"), _one_shard(offline_fixture)
+    fit(str(root / "kfac"), spec, "kfac", workers=1)
+    queries = DataSpec(str(offline_fixture.queries), split="train[:3]", prompt_column="prompt", completion_column="completion")
+    reduce(str(root / "query"), RunSpec(spec.model, queries, spec.grads), aggregation="none", unit_normalize=True)
+    return root
+
+
+def test_zero_kfac_equals_replica_kfac(tmp_path, offline_fixture, on_replicas):
+    zero_summary = fit(str(tmp_path / "zero"), _one_shard(offline_fixture), "kfac", workers=WORKERS, zero_stage=3)
+    (zero, zero_manifest), (replica, replica_manifest) = load_stats(tmp_path / "zero"), load_stats(on_replicas / "kfac")
     assert zero_manifest["fingerprint"] == replica_manifest["fingerprint"]
     assert zero_manifest["tokens"] == replica_manifest["tokens"] == zero_summary.tokens > 0
     for name, tensors in replica.items():
@@ -49,21 +64,19 @@ def test_zero_kfac_equals_replica_kfac(ray_session, tmp_path, offline_fixture):
         assert torch.allclose(zero[name]["a_values"], tensors["a_values"], rtol=1e-5, atol=1e-8 * tensors["a_values"].max())
 
 
-def test_zero_on_the_fly_scoring_survives_a_killed_worker_and_equals_brute_force(ray_session, tmp_path, offline_fixture,
-                                                                                three_shards):
+def test_zero_on_the_fly_scoring_survives_a_killed_worker_and_equals_brute_force(tmp_path, offline_fixture, three_shards,
+                                                                                on_replicas):
     spec = _spec(offline_fixture, three_shards)
-    queries = RunSpec(spec.model, DataSpec(str(offline_fixture.queries), split="train[:3]", prompt_column="prompt",
-                                           completion_column="completion"), spec.grads)
-    reduce(str(tmp_path / "query"), queries, aggregation="none", unit_normalize=True)
+    query = str(on_replicas / "query")
     settings = ScoreSettings(unit_normalize=True, top_k=5)
     # Steps of 2+2 documents; the kill lands after the second step, in the middle of the 24.
     kill = KillOneWorker("RayTrainWorker", after=4)
-    zero = score(str(tmp_path / "zero"), str(tmp_path / "query"), settings, spec=spec, workers=WORKERS,
-                 docs_per_write=2, zero_stage=3, on_progress=kill)
+    zero = score(str(tmp_path / "zero"), query, settings, spec=spec, workers=WORKERS, docs_per_write=2, zero_stage=3,
+                 on_progress=kill)
     assert kill.killed is not None and kill.docs_at_kill < 24
     # Cosine of in-process rows (which replica builds equal) with the unit query rows.
     train = np.concatenate([rows.grads for _, rows in collect_in_process(spec)]).astype(np.float64)
-    _, unit_queries = open_index(str(tmp_path / "query")).read_matrix()
+    _, unit_queries = open_index(query).read_matrix()
     expected = (train / np.linalg.norm(train, axis=1, keepdims=True)) @ unit_queries.T
     zero_ids, zero_scores = read_scores(str(tmp_path / "zero"))
     np.testing.assert_array_equal(zero_ids, np.arange(24))  # every id exactly once
