@@ -29,7 +29,7 @@ from rayattr.data import TokenizedDocs, tokenize
 from rayattr.grads.engine import collate
 from rayattr.grads.objective import per_example_loss
 from rayattr.fixtures import default_cache_dir, make_fixture
-from rayattr.model import load_tokenizer
+from rayattr.tokenizer import load_tokenizer
 
 TOKEN_BATCH_SIZE = 2048
 RESULTS = Path(__file__).parent / "results"

@@ -31,7 +31,8 @@ from common import TOKEN_BATCH_SIZE, bench_inputs, first_documents, forward_back
 from rayattr.config import DataSpec, GradSpec, ModelSpec
 from rayattr.data import TokenizedDocs, token_budget_batches, tokenize
 from rayattr.grads.engine import GradientEngine
-from rayattr.model import load_model, load_tokenizer
+from rayattr.model import load_model
+from rayattr.tokenizer import load_tokenizer
 
 SEQ_LEN = 256
 SIZES = {"small": {"docs": 32, "rounds": 3}, "full": {"docs": 96, "rounds": 5}}

@@ -37,7 +37,7 @@ from rayattr.grads.collector import ModuleLayout
 from rayattr.grads.engine import GradientEngine
 from rayattr.grads.projection import module_projection
 from rayattr.grads.sketch import SKETCHES, make_sketch
-from rayattr.model import load_tokenizer
+from rayattr.tokenizer import load_tokenizer
 
 SIZES = {  # max log2 D, training documents, queries (small: a few minutes on 2 CPU cores; full: ~8)
     "small": (14, 64, 12),

@@ -36,7 +36,8 @@ from rayattr.data import token_budget_batches
 from rayattr.grads.engine import GradientEngine
 from rayattr.hessian.precondition import Preconditioner
 from rayattr.fixtures import default_cache_dir, make_fixture
-from rayattr.model import load_model, load_tokenizer
+from rayattr.model import load_model
+from rayattr.tokenizer import load_tokenizer
 from rayattr.ray.entry import fit
 from rayattr.ray.pipeline import ensure_ray
 from rayattr.score import Preprocess, Scorer

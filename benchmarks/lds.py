@@ -46,7 +46,8 @@ from rayattr.fixtures import default_cache_dir, make_fixture, train_fixture_mode
 from rayattr.lds.inputs import read_docs
 from rayattr.lds.recipe import Recipe, train
 from rayattr.lds.validate import validate
-from rayattr.model import load_model, load_tokenizer
+from rayattr.model import load_model
+from rayattr.tokenizer import load_tokenizer
 from rayattr.ray.entry import fit, score
 from rayattr.ray.pipeline import ensure_ray
 from rayattr.ray.retrain import magic, retrain

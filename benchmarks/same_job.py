@@ -47,7 +47,7 @@ from rich.table import Table
 from common import HEAD_MODULES, bench_model, packed_corpus, write_results
 from peer_tools import PEERS, ensure_venv, peer_env
 from rayattr.fixtures import default_cache_dir, make_fixture
-from rayattr.model import load_tokenizer
+from rayattr.tokenizer import load_tokenizer
 from rayattr.store import GRADIENTS
 
 MIN_TOKENS = 300  # packed documents of 300 tokens or more: ~313 on average

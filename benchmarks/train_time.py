@@ -46,7 +46,7 @@ from rich.table import Table
 from common import HEAD_MODULES, bench_model, machine, packed_corpus, write_results
 from peer_tools import PEERS, ensure_venv, peer_env
 from rayattr.fixtures import default_cache_dir, make_fixture
-from rayattr.model import load_tokenizer
+from rayattr.tokenizer import load_tokenizer
 from rayattr.store import GRADIENTS
 
 SEQ_LEN = 256

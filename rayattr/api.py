@@ -12,7 +12,8 @@ from rayattr.grads.engine import GradientRows, engine_for
 from rayattr.lds.bank import Bank
 from rayattr.lds.recipe import Recipe
 from rayattr.lds.validate import validate
-from rayattr.model import load_tokenizer, max_positions, tokenizer_source
+from rayattr.model import max_positions, tokenizer_source
+from rayattr.tokenizer import load_tokenizer
 from rayattr.ray.entry import build, fit as fit_hessian, score
 from rayattr.ray.progress import BuildProgress
 from rayattr.ray.retrain import magic, retrain

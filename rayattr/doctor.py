@@ -22,7 +22,8 @@ import pyarrow as pa
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError
 from rayattr.data import TokenizedDocs, plan_shards, read_shard, tokenize
 from rayattr.grads.engine import GradientEngine
-from rayattr.model import load_config, load_model, load_tokenizer, max_positions, tokenizer_source
+from rayattr.model import load_config, load_model, max_positions, tokenizer_source
+from rayattr.tokenizer import load_tokenizer
 
 MIN_COSINE = 0.99
 PROBE_TEXTS = tuple(  # documents of many lengths when no dataset is given

@@ -1,10 +1,9 @@
-"""Loading causal LMs and tokenizers (local paths or hub names) and fingerprinting them."""
+"""Loading causal LMs (local paths or hub names) and fingerprinting them; their tokenizers load in ``rayattr.tokenizer``."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import warnings
@@ -15,30 +14,17 @@ import torch
 from torch import nn
 
 from rayattr.config import ModelSpec, RayattrError, stable_hash, verbose
+from rayattr.tokenizer import quiet_transformers
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ADAPTER_CONFIG = "adapter_config.json"  # what makes a directory a PEFT adapter
 ADAPTER_MODULES = ("*.lora_A.*", "*.lora_B.*")  # the default --modules of an adapter model
-
-
-def quiet_transformers() -> None:
-    """transformers' warnings and weight-loading bars only with ``--verbose`` (``config.verbose``)."""
-    from transformers.utils import logging as hf_logging
-
-    if verbose():
-        hf_logging.set_verbosity_warning()
-        hf_logging.enable_progress_bar()
-    else:
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-
 
 def resolve_device(device: str) -> torch.device:
     """``auto`` means the first GPU when there is one, else the CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
 
 def adapter_config(spec: ModelSpec) -> dict | None:
     """The PEFT adapter config when ``spec.model`` is an adapter directory, else None."""
@@ -48,7 +34,6 @@ def adapter_config(spec: ModelSpec) -> dict | None:
     if spec.base_model:
         raise RayattrError(f"--base-model is for PEFT adapters, and {spec.model!r} has no {ADAPTER_CONFIG}; drop --base-model")
     return None
-
 
 def base_of(spec: ModelSpec) -> ModelSpec:
     """The spec of the full model to load: ``spec`` itself, or an adapter's base (``--base-model`` first)."""
@@ -60,18 +45,15 @@ def base_of(spec: ModelSpec) -> ModelSpec:
         raise RayattrError(f"adapter {spec.model!r} names no base model in {ADAPTER_CONFIG}; pass --base-model")
     return dataclasses.replace(spec, model=base, revision=None, base_model=None)
 
-
 def is_adapted(model: nn.Module) -> bool:
     """Whether ``model`` carries PEFT adapters (their modules are the default gradient modules)."""
     return hasattr(model, "peft_config")
-
 
 def tokenizer_source(spec: ModelSpec) -> str:
     """Where the tokenizer lives: the model, or an adapter's base when the adapter saved none."""
     if adapter_config(spec) is not None and not (Path(spec.model) / "tokenizer_config.json").is_file():
         return base_of(spec).model
     return spec.model
-
 
 def load_config(spec: ModelSpec):
     """The (base) model's config alone: a cheap early check that the model exists."""
@@ -87,7 +69,6 @@ def load_config(spec: ModelSpec):
             "Pass a local directory saved with save_pretrained (or a PEFT adapter directory) or a hub name "
             "reachable from this machine"
         ) from exc
-
 
 def load_model(spec: ModelSpec) -> nn.Module:
     """The causal LM (with its PEFT adapters, for an adapter directory) in eval mode on its device,
@@ -109,7 +90,6 @@ def load_model(spec: ModelSpec) -> nn.Module:
     model.requires_grad_(False)
     return model.eval().to(resolve_device(spec.device))
 
-
 def set_numerics(spec: ModelSpec) -> None:
     """The process-wide kernel choices a model spec asks for (a worker process runs one model).
 
@@ -126,7 +106,6 @@ def set_numerics(spec: ModelSpec) -> None:
         torch.backends.cuda.enable_cudnn_sdp(fused)
     torch.backends.cuda.enable_math_sdp(True)
 
-
 def _with_adapter(model: nn.Module, spec: ModelSpec, base: str) -> nn.Module:
     from peft import PeftModel
 
@@ -139,7 +118,6 @@ def _with_adapter(model: nn.Module, spec: ModelSpec, base: str) -> nn.Module:
             f"{str(exc).strip().splitlines()[0][:200]}); pass the model it was trained on with --base-model"
         ) from exc
 
-
 @contextlib.contextmanager
 def quiet_peft() -> Iterator[None]:
     """PEFT calls transformers APIs that warn of their deprecation; shown with ``--verbose`` only."""
@@ -147,7 +125,6 @@ def quiet_peft() -> Iterator[None]:
         if not verbose():
             warnings.simplefilter("ignore", FutureWarning)
         yield
-
 
 def model_skeleton(spec: ModelSpec) -> nn.Module:
     """The model's modules on the meta device (names and shapes, no weights), adapters included."""
@@ -169,23 +146,6 @@ def model_skeleton(spec: ModelSpec) -> nn.Module:
         ) from exc
     return skeleton
 
-
-@functools.lru_cache(maxsize=4)
-def load_tokenizer(name: str, revision: str | None = None):
-    """The model's tokenizer, once per process; a pad token is added if missing."""
-    from transformers import AutoTokenizer
-
-    quiet_transformers()
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
-    except (OSError, ValueError) as exc:
-        raise RayattrError(f"cannot load a tokenizer for {name!r}: {str(exc).splitlines()[0]}") from exc
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def max_positions(model_or_config) -> int:
     """The longest sequence the model accepts, from its config."""
     config = getattr(model_or_config, "config", model_or_config)
@@ -194,7 +154,6 @@ def max_positions(model_or_config) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return 2048
-
 
 def model_fingerprint(model: nn.Module, spec: ModelSpec) -> dict[str, str]:
     """Identity of a model: its name, revision, config hash and a weights digest.
@@ -218,7 +177,6 @@ def model_fingerprint(model: nn.Module, spec: ModelSpec) -> dict[str, str]:
         "config": stable_hash(config),
         "weights": digest.hexdigest()[:16],
     }
-
 
 def whole_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """``named_parameters`` with each parameter whole while the caller reads it.

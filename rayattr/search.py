@@ -39,7 +39,8 @@ from rayattr.data import TokenizedDocs, plan_shards, read_shard, reward_baseline
 from rayattr.grads.collector import GradientCollector
 from rayattr.grads.engine import engine_for
 from rayattr.grads.normalizer import Normalizer
-from rayattr.model import load_tokenizer, max_positions, model_fingerprint, tokenizer_source
+from rayattr.model import max_positions, model_fingerprint, tokenizer_source
+from rayattr.tokenizer import load_tokenizer
 from rayattr.score import Preprocess, QueryPreprocess, Scorer
 from rayattr.store import (
     GRADIENTS,

@@ -21,7 +21,8 @@ from rayattr.data import TokenizedDocs, token_budget_batches
 from rayattr.grads.collector import GradientCollector, ModuleLayout
 from rayattr.grads.objective import TokenBatch
 from rayattr.grads.normalizer import Normalizer
-from rayattr.model import load_model, load_tokenizer, model_fingerprint, tokenizer_source
+from rayattr.model import load_model, model_fingerprint, tokenizer_source
+from rayattr.tokenizer import load_tokenizer
 from rayattr.space import TableMeta
 
 @dataclass

@@ -11,7 +11,8 @@ import pyarrow as pa
 
 from rayattr.config import DataSpec, ModelSpec, RayattrError
 from rayattr.data import TokenizedDocs, plan_shards, read_shard, tokenize
-from rayattr.model import load_tokenizer, max_positions, tokenizer_source
+from rayattr.model import max_positions, tokenizer_source
+from rayattr.tokenizer import load_tokenizer
 
 
 def read_docs(data: DataSpec, model: ModelSpec, model_config) -> TokenizedDocs:

@@ -23,13 +23,13 @@ import ray
 import torch
 
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec, verbose
-from rayattr.data import (RewardSums, Shard, TokenizedDocs, balance_shards, plan_shards, read_shard, reward_baselines,
-                          shard_reward_sums, tokenize)
+from rayattr.data import RewardSums, Shard, TokenizedDocs, balance_shards, plan_shards, reward_baselines, shard_reward_sums
 from rayattr.grads.collector import select_modules
 from rayattr.grads.engine import GradientEngine, GradientRows, engine_for
-from rayattr.model import load_config, load_tokenizer, max_positions, model_skeleton, tokenizer_source
+from rayattr.model import load_config, max_positions, model_skeleton, tokenizer_source
 from rayattr.ray.progress import BuildProgress, count_summaries, summary_rows
 from rayattr.ray.replicas import TOKENIZE_CPUS, Job, replicas
+from rayattr.ray.stream import read_and_tokenize
 from rayattr.ray.tablepass import TablePass
 from rayattr.score import QueryPreprocess
 from rayattr.space import TableMeta
@@ -74,20 +74,6 @@ def _probe(address: str, timeout: float = 5.0) -> None:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as exc:
         raise ConnectionError(f"nothing answers at {address} ({exc})") from exc
-
-
-def read_and_tokenize(shards: pa.Table, data: DataSpec, tokenizer_name: str, revision: str | None, max_length: int,
-                      baselines: dict[str, float] | None = None) -> Iterator[pa.Table]:
-    """Ray Data UDF: read each shard (skipping ids already written) and tokenize it."""
-    tokenizer = load_tokenizer(tokenizer_name, revision)
-    for item in shards.to_pylist():
-        done = set(item.pop("done_ids") or ())
-        for table in read_shard(data, Shard(**item)):
-            if done:
-                keep = np.fromiter((i not in done for i in table.column("id").to_numpy()), bool, table.num_rows)
-                table = table.filter(pa.array(keep))
-            if table.num_rows:
-                yield tokenize(table, data, tokenizer, max_length, baselines)
 
 
 class Appends:

@@ -24,7 +24,8 @@ from rayattr.commands import TrainConfig
 from rayattr.data import TokenizedDocs, plan_shards
 from rayattr.grads.engine import collate
 from rayattr.grads.live import IDS_KEY, IGNORE_INDEX
-from rayattr.model import load_model, load_tokenizer, tokenizer_source
+from rayattr.model import load_model, tokenizer_source
+from rayattr.tokenizer import load_tokenizer
 from rayattr.ray.pipeline import ensure_ray, shard_items, token_stream, user_errors
 from rayattr.ray.replicas import WorkerResources, release_replicas
 from rayattr.store import GradientTable, connect

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
-from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from torch import nn
 
@@ -44,6 +44,7 @@ from rayattr.ray.progress import BuildProgress, count_summaries, peak_rss_mb
 from rayattr.ray.combine import eigh_all, tree_sum
 from rayattr.ray.replicas import WorkerResources, release_replicas
 from rayattr.ray.score import ScoringWorker
+from rayattr.ray.stream import WholeSplit
 from rayattr.ray.tablepass import TablePass
 from rayattr.space import TableMeta
 from rayattr.store import GRADIENTS, SCORES, GradientTable, committed_ids
@@ -217,25 +218,6 @@ def _worker_loop(config: dict) -> None:
         ray.get(mailbox.finish.remote(rank, report, meta, job.result()))
 
 
-class _WholeSplit(DataConfig):
-    """Split the stream between the workers without dropping rows.
-
-    Ray Train's default split evens the shards out by dropping the remainder;
-    every document must be seen here, and the lock-step already absorbs
-    uneven shards.
-    """
-
-    def configure(self, datasets: dict, world_size: int, worker_handles: list | None,
-                  worker_node_ids: list | None, **kwargs) -> list[dict]:
-        shards: list[dict] = [{} for _ in range(world_size)]
-        for name, dataset in datasets.items():
-            dataset = ray.data.Dataset.copy(dataset)
-            dataset.context.execution_options = self._resolve_execution_options(name)
-            for rank, split in enumerate(dataset.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)):
-                shards[rank][name] = split
-        return shards
-
-
 def _run_group(spec: RunSpec, dataset: ray.data.Dataset, workers: int, job: _Job, mailbox: Any) -> None:
     """Run ``job`` on a ZeRO-3 worker group over ``dataset`` (a token stream)."""
     release_replicas()  # the group needs the CPUs (GPUs) a warm replica pool holds
@@ -246,7 +228,7 @@ def _run_group(spec: RunSpec, dataset: ray.data.Dataset, workers: int, job: _Job
         train_loop_config={"spec": spec, "job": job, "mailbox": mailbox, "threads": resources.threads},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=resources.num_gpus > 0, resources_per_worker=per_worker),
         datasets={DOCS: dataset},
-        dataset_config=_WholeSplit(),
+        dataset_config=WholeSplit(),
         run_config=RunConfig(name=f"rayattr-zero-{uuid.uuid4().hex[:12]}",
                              failure_config=FailureConfig(max_failures=GROUP_RESTARTS)),
     )

@@ -13,7 +13,8 @@ import pyarrow as pa
 from rayattr import storage
 from rayattr.commands import ReportConfig
 from rayattr.data import read_rows
-from rayattr.model import load_tokenizer, tokenizer_source
+from rayattr.model import tokenizer_source
+from rayattr.tokenizer import load_tokenizer
 from rayattr.report.html import document, heatmap
 from rayattr.report.pages import QUERIES_DIR, Shown, index_page, query_file, query_page, token_scale
 from rayattr.report.rankings import Ranking, rank_queries

@@ -20,7 +20,7 @@ from rayattr.api import build_index, collect_in_process, open_index
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
 from rayattr.fixtures.adapter import train_fixture_adapter
 from rayattr.data import TokenizedDocs, plan_shards, read_shard, tokenize
-from rayattr.model import load_tokenizer
+from rayattr.tokenizer import load_tokenizer
 from rayattr.ray.entry import fit
 from rayattr.ray.pipeline import APPEND_TOKENS, Appends, GradientWorker
 from rayattr.ray.progress import _count_peaks

@@ -12,12 +12,13 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "rayattr"
 RAY_FREE = ("rayattr.grads", "rayattr.hessian", "rayattr.score", "rayattr.config", "rayattr.chat", "rayattr.data", "rayattr.model",
-            "rayattr.storage", "rayattr.space", "rayattr.codec", "rayattr.store", "rayattr.commands", "rayattr.train",
-            "rayattr.lds", "rayattr.report")
+            "rayattr.tokenizer", "rayattr.storage", "rayattr.space", "rayattr.codec", "rayattr.store", "rayattr.commands",
+            "rayattr.train", "rayattr.lds", "rayattr.report")
 # The layers, bottom first; a module (or package) may import its own layer and those below.
 LAYERS = (
     ("rayattr", "rayattr.config"),
-    ("rayattr.storage", "rayattr.chat", "rayattr.data", "rayattr.model", "rayattr.space", "rayattr.fixtures"),
+    ("rayattr.storage", "rayattr.chat", "rayattr.data", "rayattr.model", "rayattr.tokenizer", "rayattr.space",
+     "rayattr.fixtures"),
     ("rayattr.configfile", "rayattr.codec", "rayattr.grads"),
     ("rayattr.hessian",),
     ("rayattr.score", "rayattr.topk", "rayattr.lds"),  # lds: the recipe, metagradients, the LDS itself
