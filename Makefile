@@ -11,12 +11,15 @@ STAMP := $(VENV)/.rayattr-installed
 
 install: $(STAMP)
 
+# pip's and setuptools' output goes to $(INSTALL_LOG); its tail is shown when a step fails.
+INSTALL_LOG := $(VENV)/install.log
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev]"
-	touch $(STAMP)
+	@echo "rayattr: installing into $(VENV) (log: $(INSTALL_LOG))"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@{ $(PY) -m pip install --upgrade pip && $(PY) -m pip install "$(TORCH)" && $(PY) -m pip install -e ".[dev]"; } \
+		> $(INSTALL_LOG) 2>&1 || { tail -n 30 $(INSTALL_LOG); echo "rayattr: install failed, see $(INSTALL_LOG)"; exit 1; }
+	@touch $(STAMP)
+	@echo "rayattr: installed"
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
