@@ -252,7 +252,7 @@ class ReportConfig:
         if self.out is None:
             if not storage.is_local(self.run_path):
                 raise RayattrError(f"{self.run_path} is not a local directory, so the report has no default place: "
-                                   "pass --out DIR")
+                                   "pass --out DIR, a local directory for its pages")
             object.__setattr__(self, "out", storage.join(self.run_path, "report"))
 
 

@@ -12,6 +12,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 from rayattr import storage
@@ -20,6 +21,7 @@ from rayattr.commands import (BuildConfig, HessianConfig, MagicConfig, Normalize
 from rayattr.config import one_line_warnings
 from rayattr.hessian.factors import STATS_SUBDIR
 from rayattr.lds.validate import validate
+from rayattr.lease import Lease
 from rayattr.ray.entry import build, fit, make_normalizer, score
 from rayattr.ray.retrain import magic, retrain
 from rayattr.ray.score import reduce
@@ -35,7 +37,26 @@ def run(config: Config, *, resume: bool = False, ray_address: str | None = None,
         on_progress: Callable | None = None, on_step: Callable | None = None) -> Any:
     """Run a command's config; what it returns (a build's progress, a fit's summary, a score's result, trackstar's
     step reports, a bank, a validation, a report's index page) is the command's to render. ``on_progress`` sees
-    streaming passes, ``on_step`` trackstar's steps and a bank's finished runs (anything with ``describe()``)."""
+    streaming passes, ``on_step`` trackstar's steps and a bank's finished runs (anything with ``describe()``).
+    A command that writes a run path holds its lease while it runs, so a second writer is refused. An object store
+    that cannot be reached fails it with one line (``storage.reachable``)."""
+    written = written_path(config)
+    where = written or (config.scores_path if isinstance(config, ValidateConfig) else config.run_path)
+    with storage.reachable(where), (Lease(written) if written is not None else nullcontext()):
+        return _run(config, resume, ray_address, on_progress, on_step)
+
+
+def written_path(config: Config) -> str | None:
+    """The run path (bank, normalizer directory) a command writes; None for those that only read one."""
+    if isinstance(config, (ValidateConfig, ReportConfig)):
+        return None
+    if isinstance(config, RetrainConfig):
+        return config.bank_path
+    return config.out if isinstance(config, NormalizerConfig) else config.run_path
+
+
+def _run(config: Config, resume: bool, ray_address: str | None, on_progress: Callable | None,
+         on_step: Callable | None) -> Any:
     if isinstance(config, ValidateConfig):
         result = validate(config.scores_path, config.bank, config.table, config.ground_truth, config.bootstrap)
         if config.out:

@@ -4,16 +4,31 @@ Statistics, normalizers, run configs and step markers go through here, so a
 run path on an object store needs no shared filesystem between nodes. Writes
 are atomic: a temporary sibling renamed over the target locally, a single
 object PUT on object stores.
+
+Object stores are configured by their clients' standard environment variables (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``...), which pyarrow and Lance both read, so rayattr has no storage settings of its
+own; ``reachable`` turns a client's failure to reach the store into one line.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pyarrow.fs as pafs
 
 from rayattr.config import RayattrError
+
+# How the clients report a store they cannot talk to: Lance's object_store ("Generic S3 error: ... error
+# sending request", "... 403 Forbidden") and pyarrow's S3FileSystem (the AWS SDK's "AWS Error NETWORK_CONNECTION").
+_CLIENT = re.compile(r"Generic \w+ error|AWS Error")
+_FAILURE = re.compile(r"error sending request|tcp connect error|connection refused|connection reset|dns error|"
+                      r"timed out|NETWORK_CONNECTION|ACCESS_DENIED|INVALID_ACCESS_KEY_ID|SIGNATURE_DOES_NOT_MATCH|"
+                      r"403 Forbidden", re.IGNORECASE)
+_ENDPOINT = re.compile(r"https?://[^/\s\"')]+|(?<=connect to )[\w.-]+:\d+")
 
 
 def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -101,6 +116,17 @@ def remove_tree(uri: str) -> None:
         fs.delete_dir(path)
 
 
+def remove_empty_tree(uri: str) -> None:
+    """Delete a directory that holds no file at any depth (a run path a refused command created, so bad input
+    leaves nothing behind); anything else is left as it is."""
+    fs, path = _resolve(str(uri))
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    if all(info.type == pafs.FileType.Directory for info in infos):
+        fs.delete_dir(path)
+
+
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """Names of the files directly under ``uri`` ending in ``suffix`` (empty when it does not exist)."""
     fs, path = _resolve(str(uri))
@@ -108,3 +134,33 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
         return []
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
+
+
+@contextmanager
+def reachable(uri: str) -> Iterator[None]:
+    """Re-raise an object store's network or credential failure, in this process or in a Ray worker and however
+    wrapped, as one line naming the store and the way on (the clients' own errors are pages of trace)."""
+    try:
+        yield
+    except Exception as exc:
+        failure = store_failure(exc)
+        if failure is None:
+            raise
+        raise RayattrError(f"cannot reach the object store of {uri} ({failure}); check the endpoint and credentials "
+                           "(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID...), then rerun to resume: committed rows and "
+                           "completed steps are kept") from exc
+
+
+def store_failure(exc: BaseException | None) -> str | None:
+    """``"ENDPOINT: what failed"`` when ``exc`` or an error in its chain is a client failing to reach an object
+    store; None otherwise."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc)
+        failure = _FAILURE.search(text)
+        if failure and _CLIENT.search(text):
+            endpoint = _ENDPOINT.search(text)
+            return f"{endpoint.group()}: {failure.group()}" if endpoint else failure.group()
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None

@@ -1,5 +1,5 @@
-"""Shared fixtures for the test suite: the offline fixture, its tokenizer and tiny models, and the
-session's Ray; and the suite's order by layer.
+"""Shared fixtures for the test suite: the offline fixture, its tokenizer and tiny models, the session's
+S3 endpoint (``s3``: moto, for run paths on an object store) and the session's Ray; and the suite's order by layer.
 
 The tests are in three layers: ``unit/`` (never starts Ray), ``ray/`` (runs on the session's Ray)
 and ``e2e/`` (the CLI, child processes, clusters, the examples). They run in that order, so Ray is
@@ -9,11 +9,13 @@ not running yet while the unit tests run, and ``unit/conftest.py`` can fail one 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 import torch
+from objectstore import CREDENTIALS, UNSET, Front, free_port, start_moto
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rayattr.fixtures import Fixture, default_cache_dir, make_fixture
@@ -49,7 +51,38 @@ def load_fixture_model(offline_fixture: Fixture) -> Callable[..., torch.nn.Modul
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def s3_front() -> Iterator[Front]:
+    """The S3 endpoint of the session (``objectstore.Front``, refusing until ``s3`` puts a server behind it),
+    in the environment with test credentials from before the session's Ray starts, so its workers inherit
+    them; the tests never reach a real store."""
+    front = Front()
+    with pytest.MonkeyPatch.context() as env:
+        for name in UNSET:
+            env.delenv(name, raising=False)
+        for name, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": front.url}.items():
+            env.setenv(name, value)
+        yield front
+    front.cut()
+
+
+@pytest.fixture(scope="session")
+def s3(s3_front: Front) -> Iterator[Front]:
+    """A moto S3 server behind the session's endpoint, with an empty bucket ``bucket``."""
+    pytest.importorskip("moto.server", reason="the object-store tests need moto[server] (pip install -e '.[dev]')")
+    port = free_port()
+    server = start_moto(port)
+    try:
+        s3_front.upstream = port
+        pafs.S3FileSystem(endpoint_override=s3_front.url, allow_bucket_creation=True).create_dir("bucket")
+        yield s3_front
+    finally:
+        s3_front.upstream = None
+        server.terminate()
+        server.wait()
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_front: Front):
     """One embedded local Ray for the whole session (starting Ray costs seconds); a new one,
     never a cluster that another test (or test process) has started on this machine."""
     import ray

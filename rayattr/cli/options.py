@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -141,13 +142,18 @@ def with_options(*groups: Group) -> Callable[[Callable], Callable]:
 
 
 def user_errors(command: Callable) -> Callable:
-    """Print a RayattrError as one line and exit 1 instead of a traceback."""
+    """Print a RayattrError as one line and exit 1 instead of a traceback.
+
+    A pass that fails leaves its other batches' calls unread; Ray would log each of their errors (the same
+    failure, as pages of trace) when it drops them, after the one line, unless told to ignore them.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except RayattrError as exc:
+            os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"  # read by the driver when it drops an unread error
             console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 

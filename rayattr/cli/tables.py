@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from rayattr import storage
 from rayattr.cli.application import app
 from rayattr.cli.options import (DATA, MODEL, Group, RayAddressOpt, RunPathArg, SaveConfigOpt, choices, run_spec,
                                  run_with_progress, user_errors, with_options)
@@ -42,7 +43,8 @@ def verify_command(run_path: RunPathArg) -> None:
     and fingerprints. Exits 1 with the list of problems."""
     from rayattr.verify import verify
 
-    report = verify(run_path)
+    with storage.reachable(run_path):
+        report = verify(run_path)
     checked = Table("checked", title=f"verify {run_path}")
     for item in report.checked:
         checked.add_row(escape(item))

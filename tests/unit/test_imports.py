@@ -12,8 +12,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "rayattr"
 RAY_FREE = ("rayattr.grads", "rayattr.hessian", "rayattr.score", "rayattr.config", "rayattr.chat", "rayattr.data", "rayattr.model",
-            "rayattr.tokenizer", "rayattr.storage", "rayattr.space", "rayattr.codec", "rayattr.store", "rayattr.commands",
-            "rayattr.train", "rayattr.lds", "rayattr.report")
+            "rayattr.tokenizer", "rayattr.storage", "rayattr.space", "rayattr.codec", "rayattr.store", "rayattr.lease",
+            "rayattr.commands", "rayattr.train", "rayattr.lds", "rayattr.report")
 # The layers, bottom first; a module (or package) may import its own layer and those below.
 LAYERS = (
     ("rayattr", "rayattr.config"),
@@ -22,7 +22,7 @@ LAYERS = (
     ("rayattr.configfile", "rayattr.codec", "rayattr.grads"),
     ("rayattr.hessian",),
     ("rayattr.score", "rayattr.topk", "rayattr.lds"),  # lds: the recipe, metagradients, the LDS itself
-    ("rayattr.store", "rayattr.commands"),
+    ("rayattr.store", "rayattr.commands", "rayattr.lease"),  # lease: one writer per run path
     ("rayattr.search", "rayattr.verify", "rayattr.doctor", "rayattr.train", "rayattr.lds.bank", "rayattr.lds.validate",
      "rayattr.report"),
     ("rayattr.ray",),

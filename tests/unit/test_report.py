@@ -52,12 +52,13 @@ def test_opponents_and_histograms_streamed_equal_numpy(tmp_path, monkeypatch):
         rank_queries(table, k=9, queries=None)
 
 
-def test_an_object_store_run_path_needs_out():
+def test_an_object_store_run_path_needs_out(tmp_path):
     assert ReportConfig("runs/x").out.endswith("runs/x/report")
+    assert ReportConfig("s3://bucket/run", out=str(tmp_path)).out == str(tmp_path)  # read remotely, written here
     refused = CliRunner().invoke(app, ["report", "s3://bucket/run"])
     assert refused.exit_code == 1 and len(refused.output.strip().splitlines()) == 1
     assert refused.output.startswith("error: s3://bucket/run is not a local directory")
-    assert refused.output.rstrip().endswith("pass --out DIR")
+    assert refused.output.rstrip().endswith("pass --out DIR, a local directory for its pages")
 
 
 def test_report_reads_texts_only_from_the_config_of_the_scored_run(tmp_path, offline_fixture):
