@@ -10,6 +10,7 @@ compare vectors from different subspaces.
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,7 @@ from rayattr.topk import TopK
 SCORES = "scores"
 TOKEN_SCORES = "token_scores"
 TOPK = "topk"
+ORDER = "order"  # a training run's step, epoch and id of every example each step saw
 META_KEY = b"rayattr"
 RECORDS_DIR = "_rayattr"  # completion records, beside the tables of a run path
 
@@ -145,7 +147,11 @@ class RowTable:
             return
         try:
             self.table.add(rows.cast(self.schema))
-        except RuntimeError as exc:
+        except (OSError, RuntimeError) as exc:
+            # A full disk: the errno, or (Lance's Rust IO errors) the OS error their text quotes.
+            if getattr(exc, "errno", None) == errno.ENOSPC or any(s in str(exc) for s in ("No space left", "os error 28")):
+                raise RayattrError(f"no space left on the device of {self.uri} while appending to table {self.table.name!r}; "
+                                   "free space there, then rerun the same command: it resumes from the committed rows") from exc
             if "Incompatible transaction" not in str(exc) or "Overwrite" not in str(exc):
                 raise
             if self.appended:
@@ -182,7 +188,8 @@ class RowTable:
     def row_counts(self) -> tuple[np.ndarray, np.ndarray]:
         """``(rows held, rows expected)`` per id (indexed by id), streamed: one small integer pair per id.
 
-        A document has one row, or one per label token in per-token tables.
+        A document has one row, or per token one per input position but the last, label or not (prompt positions
+        carry gradient through attention); documents are appended whole, so more means repeated keys.
         """
         counts = np.zeros(0, np.uint32)
         expected = np.zeros(0, np.uint32)

@@ -24,7 +24,7 @@ from rayattr.grads.normalizer import MANIFEST as NORMALIZER_MANIFEST, Normalizer
 from rayattr.hessian.factors import MANIFEST as STATS_MANIFEST, load_stats
 from rayattr.space import space_mismatches
 from rayattr.store import (
-    META_KEY, SCORES, TOPK, Completion, GradientTable, RowTable, ScoreTable, TableMeta, connect,
+    META_KEY, ORDER, SCORES, TOPK, Completion, GradientTable, RowTable, ScoreTable, TableMeta, connect,
 )
 
 STATS_DIRS = ("stats", "index_stats", "query_stats", "mixed")
@@ -83,6 +83,9 @@ def _verify_table(run_path: str, name: str, report: VerifyReport, where: str) ->
     """Check one table; returns a gradient table's metadata (for the fingerprint checks)."""
     if name == TOPK:
         return None  # rewritten whole from the score table by every score run
+    if name == ORDER:  # a training run's (step, epoch, id) of every example each step saw
+        _verify_step_keys(connect(run_path).open_table(name).to_lance(), ["step", "id"], report, where)
+        return None
     raw = (connect(run_path).open_table(name).schema.metadata or {}).get(META_KEY)
     if raw is None:
         report.problems.append(f"{where}: no rayattr metadata; it was not written by rayattr")
@@ -109,7 +112,9 @@ def _verify_table(run_path: str, name: str, report: VerifyReport, where: str) ->
 
 def _verify_rows(table: RowTable, columns: list[str], decode: Callable[[pa.RecordBatch], np.ndarray],
                  report: VerifyReport, where: str) -> None:
-    """Ids exactly once (against the completion record) and finite vectors, in one stream plus one id count."""
+    """Ids exactly once (against the completion record) and finite vectors, in one stream plus one id count.
+    A training run's rows hold an id once per step that saw it, and each step commits whole (a resumed run
+    rewinds to its checkpoint), so there they are checked for one row per step and id, with no record."""
     bad: list[np.ndarray] = []
     for batch in table.iter_batches(["id", *columns]):
         finite = np.isfinite(decode(batch)).all(axis=1)
@@ -118,11 +123,19 @@ def _verify_rows(table: RowTable, columns: list[str], decode: Callable[[pa.Recor
     if non_finite.size:
         report.problems.append(f"{where}: {non_finite.size} id(s) with NaN/Inf vectors ({_ids(non_finite)}); "
                                "their loss or gradients overflowed: check --precision, or exclude them")
+    if isinstance(table, GradientTable) and table.meta.train_time:
+        _verify_step_keys(table.table.to_lance(), ["step", "id"] + (["token_pos"] if table.per_token else []), report,
+                          where)
+        return
     counts, expected = table.row_counts()
     duplicated = np.flatnonzero(counts > expected)
     if duplicated.size:
         report.problems.append(f"{where}: {duplicated.size} id(s) stored more than once ({_ids(duplicated)}); "
                                "rerun the command that wrote it (it de-duplicates when it finishes)")
+    incomplete = np.flatnonzero((counts > 0) & (counts < expected))
+    if incomplete.size:
+        report.problems.append(f"{where}: {incomplete.size} id(s) lack some of their token rows ({_ids(incomplete)}); "
+                               "rows were removed outside rayattr: rebuild it in a new RUN_PATH")
     done = Completion.load(table.uri, table.table.name)
     if done is None:
         report.problems.append(f"{where}: no completion record, so the table is partial (a killed or running job); "
@@ -139,6 +152,20 @@ def _verify_rows(table: RowTable, columns: list[str], decode: Callable[[pa.Recor
         report.problems.append(f"{where}: {missing.size} expected id(s) missing ({_ids(missing)}); rerun the same command to resume")
     if extra.size:
         report.problems.append(f"{where}: {extra.size} id(s) outside the dataset ({_ids(extra)}); rebuild it in a new RUN_PATH")
+
+
+def _verify_step_keys(dataset, key: list[str], report: VerifyReport, where: str) -> None:
+    """Each ``key`` (step, id...) of a training run's table held once: the keys are read once, as one
+    integer column each."""
+    columns = dataset.to_table(columns=key)
+    if not columns.num_rows:
+        return
+    keys = np.stack([columns.column(name).to_numpy().astype(np.int64) for name in key], axis=1)
+    unique, counts = np.unique(keys, axis=0, return_counts=True)
+    repeated = unique[counts > 1]
+    if repeated.size:
+        report.problems.append(f"{where}: {len(repeated)} ({', '.join(key)}) held more than once (ids "
+                               f"{_ids(np.unique(repeated[:, 1]))}); rows were written outside rayattr: rebuild it")
 
 
 def _verify_stats(directory: str, metas: dict[str, TableMeta], report: VerifyReport) -> None:

@@ -249,14 +249,13 @@ def drain(summaries: Iterable[pa.Table], progress: BuildProgress, on_progress: C
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Re-raise a RayattrError from inside a worker as itself, not wrapped in Ray's errors."""
+    """Re-raise a RayattrError from inside a worker as its one line, not wrapped in Ray's errors (Ray's
+    wrapper is itself a RayattrError subclass whose text is the worker's traceback)."""
     try:
         yield
-    except RayattrError:
-        raise
     except Exception as exc:
         cause = find_user_error(exc)
-        if cause is None:
+        if cause is None or cause is exc:
             raise
         raise RayattrError(str(cause)) from exc
 

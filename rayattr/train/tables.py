@@ -13,9 +13,8 @@ import pyarrow as pa
 from rayattr.config import RayattrError
 from rayattr.grads.live import LiveRows
 from rayattr.space import SPACE_FIELDS, VECTOR_FIELDS, TableMeta
-from rayattr.store import GradientTable, connect, table_exists
+from rayattr.store import ORDER, GradientTable, connect, table_exists
 
-ORDER = "order"  # step, epoch, id of every example a training step saw
 ORDER_SCHEMA = pa.schema([pa.field("step", pa.int32()), pa.field("epoch", pa.int32()), pa.field("id", pa.int64())])
 # Compared when a run reopens its table: a resumed run's weights (and so its model fingerprint) have moved on.
 REOPEN_FIELDS = tuple(f for f in SPACE_FIELDS if f != "model") + VECTOR_FIELDS + ("per_token", "train_time")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import lancedb
 import numpy as np
 import pyarrow as pa
@@ -17,6 +19,7 @@ from rayattr.grads.live import IDS_KEY, LiveCapture
 from rayattr.grads.normalizer import from_optimizer_state
 from rayattr.store import GradientTable
 from rayattr.train import ORDER, GradientCollectorCallback, prepare_trainer
+from rayattr.verify import verify
 
 datasets = pytest.importorskip("datasets")
 FIRST_ID = 100  # ids that are not row numbers, so a mix-up shows
@@ -103,6 +106,24 @@ def test_order_holds_every_example_once_per_epoch(collected, encoded):
         assert sorted(seen) == list(range(FIRST_ID, FIRST_ID + len(encoded)))
     gradients = read(run)
     assert gradients.select(["step", "id"]).equals(order.select(["step", "id"]))
+
+
+def test_verify_checks_a_training_run_by_step_and_id(collected, tmp_path):
+    """An id once per step that saw it is a sound training run (each step commits whole: no completion record);
+    a (step, id) written twice is not."""
+    assert verify(collected[0]).problems == []
+    run = str(tmp_path / "run")
+    shutil.copytree(collected[0], run)
+    gradients = lancedb.connect(run).open_table("gradients")
+    gradients.add(gradients.to_arrow().slice(0, 2))  # rows 0 and 1 again
+    order = lancedb.connect(run).open_table(ORDER)
+    order.add(order.to_arrow().slice(0, 1))
+    first_ids = ", ".join(map(str, sorted(gradients.to_arrow().slice(0, 2).column("id").to_pylist())))
+    assert verify(run).problems == [
+        f"{run} table 'gradients': 2 (step, id) held more than once (ids {first_ids}); rows were written outside "
+        "rayattr: rebuild it",
+        f"{run} table 'order': 1 (step, id) held more than once (ids {order.to_arrow().column('id')[0]}); rows were "
+        "written outside rayattr: rebuild it"]
 
 
 def test_padding_free_batches_give_the_padded_rows(tmp_path, offline_fixture, fixture_tokenizer, encoded):
