@@ -38,10 +38,11 @@ def fit(out_dir: str, spec: RunSpec, method: str, *, workers: int = 1, ray_addre
         normalizer_kind: NormalizerKind = "adafactor", zero_stage: int = 0,
         checkpoint_seconds: float = CHECKPOINT_SECONDS) -> FitSummary:
     """Fit ``method`` statistics (second-moment, kfac, ekfac, normalizer) of ``spec.data`` into ``out_dir``;
-    an interrupted replica fit resumes from its checkpoints."""
+    an interrupted fit (replicas or ZeRO-3) resumes from its checkpoints."""
     check_zero_stage(zero_stage)
     if zero_stage:
-        return zero_fit(out_dir, spec, method, workers=workers, ray_address=ray_address, normalizer_kind=normalizer_kind)
+        return zero_fit(out_dir, spec, method, workers=workers, ray_address=ray_address, normalizer_kind=normalizer_kind,
+                        checkpoint_seconds=checkpoint_seconds)
     return replica_fit(out_dir, spec, method, workers=workers, ray_address=ray_address, normalizer_kind=normalizer_kind,
                        checkpoint_seconds=checkpoint_seconds)
 

@@ -36,7 +36,8 @@ from rayattr.grads.engine import GradientEngine, engine_for
 from rayattr.grads.normalizer import NormalizerKind
 from rayattr.hessian.methods import FitSummary, StatsPass, check_method, fit_statistics
 from rayattr.hessian.stats import Sums
-from rayattr.ray.fit import DOCS_PER_STEP, same_meta
+from rayattr.ray.checkpoint import PartialWriter, load_partials, pass_directory, remove_partials
+from rayattr.ray.fit import CHECKPOINT_SECONDS, DOCS_PER_STEP, same_meta
 from rayattr.ray.lockstep import Step, run_lockstep
 from rayattr.ray.mailbox import Mailbox, WorkerReport
 from rayattr.ray.pipeline import DOCS_PER_WRITE, GradientWorker, prepare, shard_items, token_stream, user_errors
@@ -162,23 +163,40 @@ class _WriteRows(_SkipsCommitted):
 
 @dataclass
 class _AccumulateStats:
-    """Statistics: partial sums of one pass over this worker's shard (fit's StatsPass)."""
+    """Statistics: partial sums of one pass over this worker's shard (fit's StatsPass), checkpointed as a
+    replica fit's are, so a restarted group or a rerun skips the documents that the checkpoints cover."""
 
     method: str
     eigenbases: ray.ObjectRef | None
+    directory: str  # the pass's checkpoints (``checkpoint.pass_directory``)
+    checkpoint_seconds: float
     docs_per_step: int = DOCS_PER_STEP
     resumed_past: int = 0
     _stats: StatsPass | None = None
+    _checkpoints: PartialWriter | None = None
+    _covered: np.ndarray | None = None  # ids the pass's checkpoints held when this worker started
 
     def start(self, spec: RunSpec, engine: GradientEngine, meta: TableMeta, mailbox: Any) -> Step:
+        self._covered = np.concatenate([np.zeros(0, np.int64)] + [p.ids for p in load_partials(self.directory)])
         self._stats = StatsPass(engine, self.method, ray.get(self.eigenbases) if self.eigenbases is not None else None)
-        return Step(lambda batch: engine.passes(TokenizedDocs.from_arrow(batch)),
-                    lambda batch: self._stats(TokenizedDocs.from_arrow(batch)))
+        self._checkpoints = PartialWriter(self.directory, self.checkpoint_seconds)
+        return Step(lambda batch: engine.passes(TokenizedDocs.from_arrow(batch)), self._accumulate)
+
+    def _accumulate(self, batch: pa.Table) -> None:
+        docs = TokenizedDocs.from_arrow(batch)
+        self._stats(docs)
+        self._checkpoints.covered(docs.ids)
+        self._checkpoints.maybe_save(lambda: self._stats.accumulator.sums)
 
     def pending(self, batch: pa.Table) -> pa.Table:
-        return batch  # partial sums live in memory: a restarted group redoes the whole pass
+        todo = ~np.isin(batch.column("id").to_numpy(), self._covered)  # set by ``start``, before any batch
+        self.resumed_past += int((~todo).sum())
+        return batch.filter(pa.array(todo))
 
     def result(self) -> Sums:
+        """This worker's sums, checkpointed a last time: the driver reduces the checkpoints, which
+        cover disjoint documents (each worker skips those covered when it starts)."""
+        self._checkpoints.maybe_save(lambda: self._stats.accumulator.sums, force=True)
         return self._stats.close()
 
 
@@ -290,30 +308,40 @@ def zero_score(run_path: str, spec: RunSpec, dataset: ray.data.Dataset, queries:
 
 
 def zero_fit(out_dir: str, spec: RunSpec, method: str, *, workers: int = 2, ray_address: str | None = None,
-             normalizer_kind: NormalizerKind = "adafactor") -> FitSummary:
+             normalizer_kind: NormalizerKind = "adafactor", checkpoint_seconds: float = CHECKPOINT_SECONDS) -> FitSummary:
     """``fit`` with the model partitioned over ``workers`` (ZeRO-3): each worker accumulates
     its own documents, the partial sums are tree-reduced and finished exactly as ``fit`` does.
 
-    Each pass is one worker group (EK-FAC's second pass starts a second one).
+    Each pass is one worker group (EK-FAC's second pass starts a second one). Workers checkpoint
+    their partial sums every ``checkpoint_seconds`` as replica fits do; rerunning an interrupted
+    fit with the same arguments resumes from them.
     """
     check_method(method, spec)
     start = time.perf_counter()
     items = shard_items(prepare(spec, ray_address, workers, start_replicas=False))
     reports: list[WorkerReport] = []
-    summary = fit_statistics(out_dir, spec, method, partial(_stats_pass, spec, items, workers, reports), eigh_all,
+    summary = fit_statistics(out_dir, spec, method,
+                             partial(_stats_pass, out_dir, spec, items, workers, checkpoint_seconds, reports), eigh_all,
                              normalizer_kind)
+    remove_partials(out_dir)
     return replace(summary, seconds=time.perf_counter() - start,
                    worker_compute_seconds=max(r.seconds for r in reports),
-                   worker_peak_rss_mb=max(r.peak_rss_mb for r in reports))
+                   worker_peak_rss_mb=max(r.peak_rss_mb for r in reports),
+                   resumed_examples=sum(r.resumed_past for r in reports))
 
 
-def _stats_pass(spec: RunSpec, items: list[dict], workers: int, reports: list[WorkerReport],
-                method: str, eigenbases: Sums | None) -> tuple[Sums, TableMeta]:
-    """One statistics pass on a worker group: partial sums tree-reduced as in ``fit``."""
+def _stats_pass(out_dir: str, spec: RunSpec, items: list[dict], workers: int, checkpoint_seconds: float,
+                reports: list[WorkerReport], method: str, eigenbases: Sums | None) -> tuple[Sums, TableMeta]:
+    """One statistics pass on a worker group: the sums of its checkpoints (this run's and those of an
+    interrupted one) tree-reduced as in ``fit``."""
     mailbox = Mailbox.remote()
     bases = ray.put(eigenbases) if eigenbases is not None else None
-    _run_group(spec, token_stream(spec, items), workers, _AccumulateStats(method, bases), mailbox)
+    directory = pass_directory(out_dir, spec, method, eigenbases)
+    _run_group(spec, token_stream(spec, items), workers,
+               _AccumulateStats(method, bases, directory, checkpoint_seconds), mailbox)
     group_reports, metas = ray.get(mailbox.reports.remote())
     reports.extend(group_reports)
-    sums = ray.get(tree_sum([mailbox.result.remote(rank) for rank in range(workers)]))
+    partials = [ray.put(p.sums) for p in load_partials(directory)]
+    # No checkpoint: no worker saw a loss token, and their (empty) sums are all there is.
+    sums = ray.get(tree_sum(partials or [mailbox.result.remote(rank) for rank in range(workers)]))
     return sums, same_meta(metas)

@@ -86,7 +86,7 @@ def test_ray_job_submit_to_a_local_head_runs_trackstar(tmp_path, offline_fixture
     spec = TrackstarSpec(
         str(tmp_path / "run"), ModelSpec(str(offline_fixture.neox)), DataSpec(str(offline_fixture.train), split="train[:16]"),
         DataSpec(str(offline_fixture.queries), split="train[:4]", prompt_column="prompt", completion_column="completion"),
-        GradSpec(projection_dim=4), normalizer="none", top_k=5, workers=1,
+        GradSpec(projection_dim=4), normalizer="none", mix=False, top_k=5, workers=1,  # the job route, not the method
     )
     config = save_config(tmp_path / "trackstar.yaml", spec)
     submitted = subprocess.run(

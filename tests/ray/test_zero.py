@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import KillOneWorker, read_scores
+from helpers import KillOneWorker, fit_killed_at_its_first_checkpoint, read_scores
 
 from rayattr.api import collect_in_process, open_index
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec
@@ -52,16 +52,23 @@ def on_replicas(ray_session, tmp_path_factory, offline_fixture) -> Path:
     return root
 
 
-def test_zero_kfac_equals_replica_kfac(tmp_path, offline_fixture, on_replicas):
-    zero_summary = fit(str(tmp_path / "zero"), _one_shard(offline_fixture), "kfac", workers=WORKERS, zero_stage=3)
-    (zero, zero_manifest), (replica, replica_manifest) = load_stats(tmp_path / "zero"), load_stats(on_replicas / "kfac")
-    assert zero_manifest["fingerprint"] == replica_manifest["fingerprint"]
-    assert zero_manifest["tokens"] == replica_manifest["tokens"] == zero_summary.tokens > 0
-    for name, tensors in replica.items():
+def test_a_killed_zero_kfac_fit_resumes_from_its_checkpoints_and_equals_replica_kfac(tmp_path, offline_fixture,
+                                                                                      on_replicas):
+    """One shard: one worker of the group gets every document, the other only idle passes. The fit is killed
+    once a checkpoint is saved, and the rerun's statistics equal the replicas'."""
+    out, spec = tmp_path / "stats", _one_shard(offline_fixture)
+    fit_killed_at_its_first_checkpoint(out, spec, "kfac", workers=WORKERS, zero_stage=3)
+    resumed = fit(str(out), spec, "kfac", workers=WORKERS, zero_stage=3)
+    assert 0 < resumed.resumed_examples <= 24  # the checkpointed documents were skipped, not recomputed
+    assert not (out / "_partial").exists()  # removed once the statistics are saved
+    (got, manifest), (want, clean) = load_stats(out), load_stats(on_replicas / "kfac")
+    assert manifest["fingerprint"] == clean["fingerprint"]
+    assert manifest["tokens"] == clean["tokens"] == resumed.tokens > 0 and manifest["examples"] == clean["examples"]
+    for name, tensors in want.items():
         for key in ("A", "S"):
             scale = tensors[key].abs().max()
-            assert float((zero[name][key] - tensors[key]).abs().max() / scale) <= 1e-6
-        assert torch.allclose(zero[name]["a_values"], tensors["a_values"], rtol=1e-5, atol=1e-8 * tensors["a_values"].max())
+            assert float((got[name][key] - tensors[key]).abs().max() / scale) <= 1e-6
+        assert torch.allclose(got[name]["a_values"], tensors["a_values"], rtol=1e-5, atol=1e-8 * tensors["a_values"].max())
 
 
 def test_zero_on_the_fly_scoring_survives_a_killed_worker_and_equals_brute_force(tmp_path, offline_fixture, three_shards,
