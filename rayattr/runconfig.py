@@ -96,7 +96,9 @@ def progress_logger(command: str, log: Callable[[str], None], every_seconds: flo
         now = time.monotonic()
         if now - last[0] >= every_seconds or progress.docs == progress.total_docs:
             last[0] = now
-            log(f"{command}: {progress.docs:,}/{progress.total_docs:,} documents, {progress.tokens_per_second:,.0f} tokens/s")
+            nodes = len(progress.nodes)  # on a cluster: whether the work spread over its nodes
+            log(f"{command}: {progress.docs:,}/{progress.total_docs:,} documents, {progress.tokens_per_second:,.0f} tokens/s, "
+                f"rows from {nodes} node{'s' if nodes != 1 else ''}")
 
     return show
 

@@ -9,14 +9,21 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import KillOneWorker, fit_killed_at_its_first_checkpoint, read_scores
+from helpers import KillOneWorker, read_scores
 
 from rayattr.api import collect_in_process, open_index
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RayattrError, RunSpec
+from rayattr.data import TokenizedDocs, plan_shards, read_shard, tokenize
+from rayattr.grads.engine import engine_for
 from rayattr.hessian.factors import load_stats
+from rayattr.hessian.methods import StatsPass
+from rayattr.hessian.stats import KFAC_PASS
+from rayattr.model import max_positions, tokenizer_source
+from rayattr.ray.checkpoint import PartialWriter, pass_directory
 from rayattr.ray.entry import build, fit, score
 from rayattr.ray.score import ScoreSettings, reduce
 from rayattr.ray.zero import ZeroBuildProgress
+from rayattr.tokenizer import load_tokenizer
 from rayattr.topk import TopK
 
 WORKERS = 2
@@ -52,14 +59,32 @@ def on_replicas(ray_session, tmp_path_factory, offline_fixture) -> Path:
     return root
 
 
-def test_a_killed_zero_kfac_fit_resumes_from_its_checkpoints_and_equals_replica_kfac(tmp_path, offline_fixture,
-                                                                                      on_replicas):
-    """One shard: one worker of the group gets every document, the other only idle passes. The fit is killed
-    once a checkpoint is saved, and the rerun's statistics equal the replicas'."""
+def _checkpoint_of_an_interrupted_fit(out: Path, spec: RunSpec, documents: int) -> None:
+    """What a K-FAC fit of ``spec`` killed after its first ``documents`` leaves in ``out``: their sums and ids in
+    the pass's checkpoint directory, computed in this process and saved by the writer the fit's workers use."""
+    engine, _ = engine_for(spec)
+    try:
+        tokenizer = load_tokenizer(tokenizer_source(spec.model), spec.model.revision)
+        table = next(read_shard(spec.data, plan_shards(spec.data)[0], batch_rows=documents))
+        docs = TokenizedDocs.from_arrow(tokenize(table, spec.data, tokenizer, max_positions(engine.model)))
+        stats = StatsPass(engine, KFAC_PASS)
+        stats(docs)
+        writer = PartialWriter(pass_directory(str(out), spec, KFAC_PASS, None), every_seconds=0.0)
+        writer.covered(docs.ids)
+        writer.maybe_save(lambda: stats.close(), force=True)
+    finally:
+        engine.close()
+
+
+def test_an_interrupted_zero_kfac_fit_resumes_from_its_checkpoint_and_equals_replica_kfac(tmp_path, offline_fixture,
+                                                                                          on_replicas):
+    """One shard: one worker of the group gets every document, the other only idle passes. The group skips the
+    documents an interrupted fit's checkpoint covers, and the statistics (the checkpoint's sums and the workers'
+    own checkpoints, reduced) equal the replicas'. (Killing a fit mid-pass: tests/ray/test_faults.py.)"""
     out, spec = tmp_path / "stats", _one_shard(offline_fixture)
-    fit_killed_at_its_first_checkpoint(out, spec, "kfac", workers=WORKERS, zero_stage=3)
+    _checkpoint_of_an_interrupted_fit(out, spec, documents=10)
     resumed = fit(str(out), spec, "kfac", workers=WORKERS, zero_stage=3)
-    assert 0 < resumed.resumed_examples <= 24  # the checkpointed documents were skipped, not recomputed
+    assert resumed.resumed_examples == 10  # the checkpointed documents were skipped, not recomputed
     assert not (out / "_partial").exists()  # removed once the statistics are saved
     (got, manifest), (want, clean) = load_stats(out), load_stats(on_replicas / "kfac")
     assert manifest["fingerprint"] == clean["fingerprint"]
