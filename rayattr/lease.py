@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from types import TracebackType
 
 from rayattr import storage
@@ -129,7 +129,7 @@ class Lease:
 
     def _renew(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
-            self.holder = Holder(**asdict(self.holder) | {"heartbeat": time.time()})
+            self.holder = replace(self.holder, heartbeat=time.time())
             try:
                 self._write()
             except (RayattrError, OSError):

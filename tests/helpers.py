@@ -8,18 +8,13 @@ module builds its own instance.
 from __future__ import annotations
 
 import os
-import pickle
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -30,7 +25,6 @@ from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
 from rayattr.data import TokenizedDocs
 from rayattr.grads.engine import GradientEngine, GradientRows
 from rayattr.ray.progress import BuildProgress
-from rayattr.ray.replicas import release_replicas
 from rayattr.search import Index
 from rayattr.space import TableMeta
 from rayattr.store import GradientTable, ScoreTable
@@ -99,29 +93,6 @@ class KillOneWorker:
             assert workers, f"no {self.process} process found"
             self.killed, self.docs_at_kill = workers[0].pid, progress.docs
             os.kill(self.killed, signal.SIGKILL)
-
-
-def fit_killed_at_its_first_checkpoint(out: Path, spec: RunSpec, method: str, **fit_kwargs) -> None:
-    """``fit`` in a child process that joins this session's Ray (starting a second one costs seconds), saving a
-    checkpoint after every step, killed once the first one is saved: an interrupted fit that a rerun resumes."""
-    arguments = out.parent / f"{out.name}-fit.pickle"
-    arguments.write_bytes(pickle.dumps((str(out), spec, method, fit_kwargs)))
-    script = ("import pickle; from rayattr.ray.entry import fit; "
-              f"out, spec, method, kwargs = pickle.loads(open({str(arguments)!r}, 'rb').read()); "
-              "fit(out, spec, method, checkpoint_seconds=0.0, **kwargs)")
-    release_replicas()  # the child's workers need the CPUs this session's warm replicas hold
-    env = os.environ | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    child = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline and child.poll() is None and not list(out.glob("_partial/*/*.safetensors")):
-            time.sleep(0.1)
-    finally:
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGKILL)
-        child.wait()
-    assert list(out.glob("_partial/*/*.safetensors")) and not (out / "manifest.json").exists()
 
 
 def _cmdline(process: psutil.Process) -> list[str]:

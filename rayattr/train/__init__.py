@@ -6,6 +6,6 @@
 
 from rayattr.train.callback import GradientCollectorCallback, prepare_trainer
 from rayattr.train.collector import TrainTimeCollector
-from rayattr.train.tables import ORDER
+from rayattr.store import ORDER
 
 __all__ = ["ORDER", "GradientCollectorCallback", "TrainTimeCollector", "prepare_trainer"]

@@ -9,16 +9,24 @@ loses a worker is tested in ``test_zero``.)
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import KillOneWorker, assert_rows_close, fit_killed_at_its_first_checkpoint, read_scores
+import ray
+from helpers import KillOneWorker, assert_rows_close, read_scores
 
 from rayattr.api import collect_in_process, open_index
 from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
 from rayattr.hessian.factors import load_stats
 from rayattr.ray.entry import build, fit, score
+from rayattr.ray.replicas import release_replicas
 from rayattr.ray.score import ScoreSettings, reduce
 from rayattr.store import Completion
 
@@ -71,7 +79,27 @@ def test_killed_scoring_worker_costs_no_score(ray_session, tmp_path, spec, refer
 
 def test_killed_fit_resumes_from_its_checkpoints(ray_session, tmp_path, spec):
     out = tmp_path / "stats"
-    fit_killed_at_its_first_checkpoint(out, spec, "ekfac")
+    script = textwrap.dedent(f"""
+        from rayattr.config import DataSpec, GradSpec, ModelSpec, RunSpec
+        from rayattr.ray.entry import fit
+        spec = RunSpec(ModelSpec({spec.model.model!r}), DataSpec({spec.data.dataset!r}),
+                       GradSpec(projection_dim=4, token_batch_size=64))
+        fit({str(out)!r}, spec, "ekfac", checkpoint_seconds=0.0)  # a checkpoint after every step
+    """)
+    # The child joins this session's Ray (starting a second one costs seconds); its replica needs
+    # the CPUs this session's warm replicas hold.
+    release_replicas()
+    env = os.environ | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    child = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and child.poll() is None and not list(out.glob("_partial/*/*.safetensors")):
+            time.sleep(0.2)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    assert list(out.glob("_partial/*/*.safetensors")) and not (out / "manifest.json").exists()
     resumed = fit(str(out), spec, "ekfac")
     assert resumed.resumed_examples > 0  # restored, not recomputed
     assert not (out / "_partial").exists()  # removed once the statistics are saved
